@@ -1,0 +1,420 @@
+"""Admin HTTPS API (aiohttp): devices, certificates, CAs, audit, operators.
+
+Every route is declared once in ``ROUTES`` with the role it needs; the OpenAPI document
+is generated from the same table, so the two cannot drift. Deny by default: a route
+without a role entry does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from fleetward import __version__
+from fleetward.admin.auth import OperatorTokens, require_role
+from fleetward.audit import AuditLog, record_to_json
+from fleetward.ca import Authority
+from fleetward.ca.setup import register_oem_ca
+from fleetward.clock import Clock
+from fleetward.errors import Forbidden, InvalidInput
+from fleetward.model import AuditEvent, Operator, Role, parse_serial, parse_state
+from fleetward.registry import Registry
+from fleetward.store import Database
+from fleetward.store import audit as audit_rows
+from fleetward.store import cas as ca_rows
+from fleetward.web.problem import (
+    problem_middleware,
+    read_json,
+    reject_unknown_fields,
+    require_str,
+)
+
+T = TypeVar("T")
+MAX_BODY_BYTES = 1024 * 1024  # bytes; a CSR is ~1 KiB, an OEM CA certificate ~2 KiB
+OPERATOR_KEY = web.AppKey("operator", Operator)
+SERVICES_KEY: web.AppKey[AdminServices] = web.AppKey("services")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminServices:
+    db: Database
+    registry: Registry
+    tokens: OperatorTokens
+    authority: Authority
+    audit: AuditLog
+    clock: Clock
+    executor: Executor  # one worker: serialises SQL writes and keeps them off the loop
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+
+Handler = Callable[[web.Request, AdminServices, Operator], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    role: Role | None  # None: public (health, OpenAPI document)
+    handler: Callable[..., Awaitable[web.StreamResponse]]
+    summary: str
+    body: dict[str, Any] | None = None  # JSON Schema of the request body
+    query: tuple[str, ...] = ()
+
+
+def _actor(op: Operator) -> str:
+    return f"operator:{op.name}"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _query_int(request: web.Request, key: str, default: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {key} must be an integer",
+                           hint=f"e.g. ?{key}={default}") from None
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+async def health(request: web.Request, svc: AdminServices, op: Operator | None) -> web.Response:
+    return _json({"status": "ok", "version": __version__})
+
+
+async def whoami(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    return _json({"name": op.name, "role": op.role.value, "token_id": op.token_id})
+
+
+async def list_types(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    types = await svc.run(svc.registry.list_types)
+    return _json({"items": [{"name": t.name, "description": t.description,
+                             "message_types": list(t.message_types)} for t in types]})
+
+
+async def create_type(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"name", "description", "message_types"})
+    message_types = body.get("message_types", [])
+    if not isinstance(message_types, list) or not all(isinstance(m, str) for m in message_types):
+        raise InvalidInput("message_types must be a list of strings",
+                           hint='e.g. ["telemetry", "event"]')
+    t = await svc.run(svc.registry.create_type, require_str(body, "name"),
+                      require_str(body, "description", optional=True), message_types,
+                      _actor(op))
+    return _json({"name": t.name, "description": t.description,
+                  "message_types": list(t.message_types)}, 201)
+
+
+async def create_device(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"id", "type", "owner", "labels"})
+    labels = body.get("labels", {})
+    if not isinstance(labels, dict):
+        raise InvalidInput("labels must be a JSON object of strings", hint='{"site": "plant-3"}')
+    device = await svc.run(svc.registry.create_device, require_str(body, "id"),
+                           require_str(body, "type"),
+                           require_str(body, "owner", optional=True, default="default"),
+                           labels, _actor(op))
+    return _json(device.to_json(), 201)
+
+
+async def list_devices(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    q = request.query
+    limit = _query_int(request, "limit", 100)
+    state = parse_state(q["state"]) if "state" in q else None
+    devices = await svc.run(svc.registry.list_devices, state=state, type_name=q.get("type"),
+                            owner=q.get("owner"), after=q.get("after"), limit=limit)
+    return _json({"items": [d.to_json() for d in devices],
+                  "next": devices[-1].id if len(devices) == limit else None})
+
+
+async def get_device(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    device = await svc.run(svc.registry.get_device, request.match_info["device_id"])
+    return _json(device.to_json())
+
+
+async def change_state(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"state", "reason"})
+    target = parse_state(require_str(body, "state"))
+    change = await svc.run(svc.registry.change_state, request.match_info["device_id"], target,
+                           _actor(op), require_str(body, "reason", optional=True))
+    return _json({"device": change.device.to_json(), "previous_state": change.previous.value,
+                  "revoked_certificates": [c.serial_hex for c in change.revoked]})
+
+
+async def list_device_certs(request: web.Request, svc: AdminServices,
+                            op: Operator) -> web.Response:
+    certs = await svc.run(svc.registry.list_certificates, request.match_info["device_id"])
+    return _json({"items": [c.to_json() for c in certs]})
+
+
+async def issue_cert(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"csr", "profile"})
+    record = await svc.run(svc.registry.issue_certificate, request.match_info["device_id"],
+                           require_str(body, "csr").encode(),
+                           require_str(body, "profile", optional=True, default="device"),
+                           _actor(op))
+    out = record.to_json(with_pem=True)
+    out["chain_pem"] = svc.authority.chain_pem()
+    return _json(out, 201)
+
+
+async def revoke_device_certs(request: web.Request, svc: AdminServices,
+                              op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"reason"})
+    revoked = await svc.run(svc.registry.revoke_device_certificates,
+                            request.match_info["device_id"],
+                            require_str(body, "reason", optional=True, default="unspecified"),
+                            _actor(op))
+    return _json({"items": [c.to_json() for c in revoked]})
+
+
+async def get_cert(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    serial = parse_serial(request.match_info["serial"])
+    record = await svc.run(svc.registry.get_certificate, serial)
+    return _json(record.to_json(with_pem=True))
+
+
+async def revoke_cert(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"reason"})
+    serial = parse_serial(request.match_info["serial"])
+    record = await svc.run(svc.registry.revoke_certificate, serial,
+                           require_str(body, "reason", optional=True, default="unspecified"),
+                           _actor(op))
+    return _json(record.to_json())
+
+
+async def ca_info(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    def load() -> list[dict[str, Any]]:
+        with svc.db.read() as conn:
+            rows = ca_rows.list_cas(conn)
+        handles = svc.authority.handles
+        return [{
+            "name": r.name, "kind": r.kind, "parent": r.parent_name, "subject": r.subject,
+            "fingerprint_sha256": r.fingerprint_sha256, "device_type": r.device_type,
+            "imported": r.imported,
+            "key_backend": (r.key_ref or {}).get("backend"),
+            "key_online": bool(handles.get(r.name) and handles[r.name].signer is not None),
+            "not_after": handles[r.name].certificate.not_valid_after_utc.isoformat()
+            if r.name in handles else None,
+            "crl_number": r.crl_number if r.kind != "oem" else None,
+            "crl_next_update": r.crl_next_update.isoformat() if r.crl_next_update else None,
+            "certificate_pem": r.cert_pem,
+        } for r in rows]
+    return _json({"items": await svc.run(load)})
+
+
+async def register_oem(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"name", "certificate", "device_type"})
+
+    def register() -> dict[str, Any]:
+        with svc.db.transaction() as conn:
+            row = register_oem_ca(conn, name=require_str(body, "name"),
+                                  cert_pem=require_str(body, "certificate").encode(),
+                                  device_type=require_str(body, "device_type"),
+                                  actor=_actor(op), now=svc.clock.now(), audit=svc.audit)
+        return {"name": row.name, "subject": row.subject,
+                "fingerprint_sha256": row.fingerprint_sha256, "device_type": row.device_type}
+    return _json(await svc.run(register), 201)
+
+
+async def audit_query(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    limit = _query_int(request, "limit", 100)
+    if not 1 <= limit <= 1000:
+        raise InvalidInput("limit must be between 1 and 1000")
+    after = _query_int(request, "after", 0) if "after" in request.query else None
+
+    def query() -> list[dict[str, Any]]:
+        with svc.db.read() as conn:
+            rows = audit_rows.query_events(conn, after=after, action=request.query.get("action"),
+                                           limit=limit,
+                                           newest_first=request.query.get("order") == "desc")
+        return [record_to_json(r) for r in rows]
+    return _json({"items": await svc.run(query)})
+
+
+async def audit_verify(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    def verify() -> dict[str, Any]:
+        with svc.db.read() as conn:
+            return svc.audit.verify(conn).to_json()
+    return _json(await svc.run(verify))
+
+
+async def list_operators(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    rows = await svc.run(svc.tokens.list)
+    return _json({"items": [{"token_id": r.token_id, "name": r.name, "role": r.role.value,
+                             "created_at": r.created_at.isoformat(),
+                             "revoked": r.revoked_at is not None} for r in rows]})
+
+
+async def create_operator(request: web.Request, svc: AdminServices,
+                          op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"name", "role"})
+    role_name = require_str(body, "role")
+    try:
+        role = Role(role_name)
+    except ValueError:
+        raise InvalidInput(f"unknown role {role_name!r}",
+                           hint=f"use one of: {', '.join(r.value for r in Role)}") from None
+    token = await svc.run(svc.tokens.create, require_str(body, "name"), role, _actor(op))
+    return _json({"name": body["name"], "role": role.value, "token": token,
+                  "note": "store this token now; it cannot be shown again"}, 201)
+
+
+async def revoke_operator(request: web.Request, svc: AdminServices,
+                          op: Operator) -> web.Response:
+    await svc.run(svc.tokens.revoke, request.match_info["token_id"], _actor(op))
+    return web.Response(status=204)
+
+
+async def openapi(request: web.Request, svc: AdminServices, op: Operator | None) -> web.Response:
+    return _json(openapi_document())
+
+
+_STR = {"type": "string"}
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/openapi.json", None, openapi, "This OpenAPI 3 document"),
+    Route("GET", "/v1/health", None, health, "Liveness"),
+    Route("GET", "/v1/whoami", Role.AUDITOR, whoami, "The calling operator and role"),
+    Route("GET", "/v1/device-types", Role.AUDITOR, list_types, "List device types"),
+    Route("POST", "/v1/device-types", Role.OPERATOR, create_type, "Create a device type",
+          {"type": "object", "required": ["name"], "additionalProperties": False,
+           "properties": {"name": _STR, "description": _STR,
+                          "message_types": {"type": "array", "items": _STR}}}),
+    Route("GET", "/v1/devices", Role.AUDITOR, list_devices, "List devices (keyset paging)",
+          query=("state", "type", "owner", "after", "limit")),
+    Route("POST", "/v1/devices", Role.OPERATOR, create_device, "Register a device",
+          {"type": "object", "required": ["id", "type"], "additionalProperties": False,
+           "properties": {"id": _STR, "type": _STR, "owner": _STR,
+                          "labels": {"type": "object", "additionalProperties": _STR}}}),
+    Route("GET", "/v1/devices/{device_id}", Role.AUDITOR, get_device, "Show a device"),
+    Route("POST", "/v1/devices/{device_id}/state", Role.OPERATOR, change_state,
+          "Change a device's lifecycle state",
+          {"type": "object", "required": ["state"], "additionalProperties": False,
+           "properties": {"state": {"enum": ["registered", "active", "disabled", "quarantined",
+                                             "compromised", "retired"]},
+                          "reason": _STR}}),
+    Route("GET", "/v1/devices/{device_id}/certificates", Role.AUDITOR, list_device_certs,
+          "List a device's certificates"),
+    Route("POST", "/v1/devices/{device_id}/certificates", Role.OPERATOR, issue_cert,
+          "Issue a certificate from a PKCS#10 CSR (PEM)",
+          {"type": "object", "required": ["csr"], "additionalProperties": False,
+           "properties": {"csr": _STR, "profile": {"enum": ["device", "gateway", "bootstrap"]}}}),
+    Route("POST", "/v1/devices/{device_id}/revoke-certificates", Role.OPERATOR,
+          revoke_device_certs, "Revoke every certificate of a device",
+          {"type": "object", "additionalProperties": False, "properties": {"reason": _STR}}),
+    Route("GET", "/v1/certificates/{serial}", Role.AUDITOR, get_cert, "Show a certificate"),
+    Route("POST", "/v1/certificates/{serial}/revoke", Role.OPERATOR, revoke_cert,
+          "Revoke a certificate (RFC 5280 reason)",
+          {"type": "object", "additionalProperties": False, "properties": {"reason": _STR}}),
+    Route("GET", "/v1/ca", Role.AUDITOR, ca_info, "CAs: ours and registered OEM CAs"),
+    Route("POST", "/v1/ca/oem", Role.ADMIN, register_oem, "Register a trusted OEM CA",
+          {"type": "object", "required": ["name", "certificate", "device_type"],
+           "additionalProperties": False,
+           "properties": {"name": _STR, "certificate": _STR, "device_type": _STR}}),
+    Route("GET", "/v1/audit", Role.AUDITOR, audit_query, "Query the audit log",
+          query=("after", "action", "limit", "order")),
+    Route("GET", "/v1/audit/verify", Role.AUDITOR, audit_verify, "Verify the audit chain"),
+    Route("GET", "/v1/operators", Role.ADMIN, list_operators, "List operator tokens"),
+    Route("POST", "/v1/operators", Role.ADMIN, create_operator,
+          "Create an operator token (shown once)",
+          {"type": "object", "required": ["name", "role"], "additionalProperties": False,
+           "properties": {"name": _STR, "role": {"enum": ["admin", "operator", "auditor"]}}}),
+    Route("DELETE", "/v1/operators/{token_id}", Role.ADMIN, revoke_operator,
+          "Revoke an operator token"),
+)
+
+
+def openapi_document() -> dict[str, Any]:
+    problem_ref = {"$ref": "#/components/responses/Problem"}
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        op: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler.__name__,
+            "responses": {"200": {"description": "OK"}, "default": problem_ref},
+        }
+        if route.role is None:
+            op["security"] = []
+        else:
+            op["x-fleetward-role"] = route.role.value
+        params = [{"name": name, "in": "path", "required": True, "schema": _STR}
+                  for name in _path_params(route.path)]
+        params += [{"name": name, "in": "query", "required": False, "schema": _STR}
+                   for name in route.query]
+        if params:
+            op["parameters"] = params
+        if route.body is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": route.body}}}
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Fleetward admin API", "version": __version__},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Problem": {
+                "description": "RFC 9457 problem details",
+                "content": {"application/problem+json": {"schema": {"type": "object"}}}}},
+        },
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def build_admin_app(services: AdminServices) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
+    app[SERVICES_KEY] = services
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, _guard(route, services))
+    return app
+
+
+def _guard(route: Route, svc: AdminServices) -> Callable[[web.Request],
+                                                         Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if route.role is None:
+            return await route.handler(request, svc, None)
+        source = request.remote or "unknown"
+        operator = await svc.run(svc.tokens.authenticate,
+                                 request.headers.get("Authorization"), source)
+        try:
+            require_role(operator, route.role)
+        except Forbidden as exc:
+            await svc.run(_audit_forbidden, svc, operator, route, request.path)
+            raise exc
+        return await route.handler(request, svc, operator)
+    return handle
+
+
+def _audit_forbidden(svc: AdminServices, operator: Operator, route: Route, path: str) -> None:
+    with svc.db.transaction() as conn:
+        svc.audit.append(conn, AuditEvent(
+            action="admin.forbidden", actor=_actor(operator), target=path, outcome="failure",
+            details={"method": route.method, "role": operator.role.value,
+                     "needed": route.role.value if route.role else None}))

@@ -1,0 +1,104 @@
+"""Operator API tokens and role checks for the admin API.
+
+Tokens look like ``fwa_<id>.<secret>``: the id finds the row, the 256-bit secret is
+compared as SHA-256 in constant time. Only the hash is stored; the token is shown once.
+A fast hash is right here: the secret is 256 random bits, not a password (OWASP
+Password Storage Cheat Sheet, "high-entropy secrets").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from fleetward.audit import AuditLog
+from fleetward.clock import Clock
+from fleetward.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
+from fleetward.model import AuditEvent, Operator, Role, role_allows
+from fleetward.store import Database
+from fleetward.store import operators as token_rows
+from fleetward.store.operators import TokenRow
+
+TOKEN_PREFIX = "fwa_"
+SECRET_BYTES = 32  # 256 bits
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class OperatorTokens:
+    def __init__(self, db: Database, audit: AuditLog, clock: Clock) -> None:
+        self.db = db
+        self.audit = audit
+        self.clock = clock
+
+    def create(self, name: str, role: Role, actor: str) -> str:
+        """Create a token and return it; it cannot be retrieved again."""
+        if not name or len(name) > 128:
+            raise InvalidInput("operator name must be 1-128 characters")
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        with self.db.transaction() as conn:
+            token_rows.insert_token(conn, TokenRow(token_id, name, role, _hash(secret),
+                                                   self.clock.now(), None))
+            self.audit.append(conn, AuditEvent(
+                action="operator.token_created", actor=actor, target=f"operator:{name}",
+                details={"token_id": token_id, "role": role.value}))
+        return f"{TOKEN_PREFIX}{token_id}.{secret}"
+
+    def revoke(self, token_id: str, actor: str) -> None:
+        with self.db.transaction() as conn:
+            if not token_rows.revoke_token(conn, token_id, self.clock.now()):
+                raise NotFound(f"no active operator token {token_id!r}")
+            self.audit.append(conn, AuditEvent(
+                action="operator.token_revoked", actor=actor, target=f"token:{token_id}"))
+
+    def list(self) -> list[TokenRow]:
+        with self.db.read() as conn:
+            return token_rows.list_tokens(conn)
+
+    def authenticate(self, authorization: str | None, source: str) -> Operator:
+        """Check an ``Authorization`` header value; audit every failure.
+
+        Raises:
+            Unauthenticated: missing, malformed, unknown, revoked or wrong token.
+        """
+        reason = self._check(authorization)
+        if isinstance(reason, Operator):
+            return reason
+        with self.db.transaction() as conn:
+            self.audit.append(conn, AuditEvent(
+                action="admin.authentication_failed", actor=f"remote:{source}",
+                target="admin-api", outcome="failure", details={"reason": reason}))
+        raise Unauthenticated(f"authentication failed: {reason}")
+
+    def _check(self, authorization: str | None) -> Operator | str:
+        if not authorization:
+            return "no Authorization header"
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return "not a Bearer token"
+        token = token.strip()
+        if not token.startswith(TOKEN_PREFIX) or "." not in token:
+            return "malformed token"
+        token_id, _, secret = token.removeprefix(TOKEN_PREFIX).partition(".")
+        with self.db.read() as conn:
+            row = token_rows.get_token(conn, token_id)
+        # Hash and compare even for an unknown id so timing does not reveal which ids exist.
+        expected = row.secret_sha256 if row else _hash("\x00unknown")
+        matches = hmac.compare_digest(_hash(secret), expected)
+        if row is None or not matches:
+            return "unknown or wrong token"
+        if row.revoked_at is not None:
+            return "token revoked"
+        return Operator(token_id=row.token_id, name=row.name, role=row.role)
+
+
+def require_role(operator: Operator, needed: Role) -> None:
+    if not role_allows(operator.role, needed):
+        raise Forbidden(
+            f"role {operator.role.value} may not do this; it needs {needed.value}",
+            hint="ask an admin for a token with the needed role",
+        )

@@ -1,0 +1,203 @@
+"""Frozen configuration, one dataclass per subsystem; units in the field names.
+
+Sources, later wins: defaults → ``<data dir>/fleetward.toml`` → ``FLEETWARD_*`` env.
+Secrets (CA passphrase, PKCS#11 PIN) are never config values: only the *path* of the
+file that holds them, or the name of the env var, is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetward.errors import ConfigurationError
+
+CONFIG_FILE_NAME = "fleetward.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    host: str = "127.0.0.1"
+    public_port: int = 8080  # plain HTTP: CRL, OCSP, CA certificates (RFC 5280 §4.2.1.13)
+    admin_port: int = 9443  # HTTPS: admin REST API
+    device_port: int = 8443  # HTTPS: device API (mTLS or token)
+    mqtt_port: int = 8883  # MQTT over TLS
+    # Base URL written into CDP and AIA extensions; devices must be able to reach it.
+    public_url: str = "http://localhost:8080"
+
+
+@dataclass(frozen=True, slots=True)
+class CAConfig:
+    device_validity_days: int = 365
+    gateway_validity_days: int = 365
+    server_validity_days: int = 397  # CA/B Forum limit for TLS server certificates
+    bootstrap_validity_days: int = 30
+    root_validity_days: int = 7300
+    issuing_validity_days: int = 3650
+    crl_validity_hours: int = 24  # nextUpdate - thisUpdate (RFC 5280 §5.1.2.5)
+    crl_refresh_margin_hours: int = 12  # re-sign when less than this is left
+    ocsp_validity_hours: int = 4  # nextUpdate of OCSP responses (RFC 6960 §2.4)
+    backdate_seconds: int = 300  # notBefore slack for device clocks that run behind
+    # Default key backend for new CA keys: "file" (encrypted PKCS#8) or "pkcs11".
+    key_backend: str = "file"
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = ""
+    pkcs11_pin_file: str = ""  # path; the PIN itself is never a config value
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str = ""  # empty = SQLite file in the data dir
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    listeners: ListenerConfig = field(default_factory=ListenerConfig)
+    ca: CAConfig = field(default_factory=CAConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'fleetward.db'}"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "listeners": ListenerConfig,
+    "ca": CAConfig,
+    "database": DatabaseConfig,
+}
+
+# Environment overrides that operators expect by name.
+_ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "FLEETWARD_DATABASE_URL": ("database", "url"),
+    "FLEETWARD_PUBLIC_URL": ("listeners", "public_url"),
+    "FLEETWARD_HOST": ("listeners", "host"),
+}
+
+
+def load_settings(data_dir: Path, env: dict[str, str] | None = None) -> Settings:
+    """Read ``fleetward.toml`` in ``data_dir`` (if present) and apply env overrides.
+
+    Raises:
+        ConfigurationError: unknown section or key, or a value of the wrong type.
+    """
+    env = dict(os.environ) if env is None else env
+    raw: dict[str, dict[str, Any]] = {}
+    path = data_dir / CONFIG_FILE_NAME
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(
+                f"{path} is not valid TOML: {exc}", hint="fix the file or re-run init"
+            ) from exc
+    for var, (section, key) in _ENV_OVERRIDES.items():
+        if env.get(var):
+            raw.setdefault(section, {})[key] = env[var]
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise ConfigurationError(
+                f"unknown section [{section}] in {path}",
+                hint=f"known sections: {', '.join(_SECTIONS)}",
+            )
+        sections[section] = _build(cls, values, f"[{section}]")
+    return Settings(data_dir=data_dir, **sections)
+
+
+def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigurationError(
+                f"unknown key {key!r} in {where}", hint=f"known keys: {', '.join(fields)}"
+            )
+        expected = type(getattr(cls(), key))
+        if expected is int and isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ConfigurationError(
+                f"{where} {key} must be {expected.__name__}, got {value!r}",
+                hint="fix the value in fleetward.toml or the environment",
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def render_settings(settings: Settings) -> str:
+    """TOML text for ``settings`` (only the sections a data dir persists)."""
+    lines: list[str] = ["# Fleetward configuration; FLEETWARD_* environment variables override it."]
+    for name in _SECTIONS:
+        obj = getattr(settings, name)
+        lines.append(f"\n[{name}]")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, str):
+                escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{f.name} = "{escaped}"')
+            else:
+                lines.append(
+                    f"{f.name} = {str(value).lower() if isinstance(value, bool) else value}"
+                )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class DataDirLayout:
+    """Where everything lives inside a data directory."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_FILE_NAME
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.secrets / "ca-passphrase"
+
+    @property
+    def audit_key_file(self) -> Path:
+        return self.secrets / "audit.key"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.secrets / "admin-token"
+
+    @property
+    def admin_url_file(self) -> Path:
+        return self.root / "admin-url"
+
+    @property
+    def chain_file(self) -> Path:
+        return self.certs / "chain.pem"
+
+    @property
+    def server_cert_file(self) -> Path:
+        return self.certs / "server.pem"
+
+    @property
+    def server_key_file(self) -> Path:
+        return self.keys / "server.key"
+
+    def ca_key_file(self, ca_name: str) -> Path:
+        return self.keys / f"{ca_name}-ca.key"

@@ -1,0 +1,242 @@
+"""PKCS#11 signer (python-pkcs11): the CA key is generated on the token and stays there.
+
+The private key is created with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false (PKCS#11
+v2.40 §4.9), so neither Fleetward nor anyone with the PIN can read it out. Signing uses
+raw CKM_ECDSA over a digest computed here, which every token supports (SoftHSM2 included).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NoReturn
+
+import pkcs11
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PrivateFormat,
+    load_der_public_key,
+)
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from fleetward.errors import ConfigurationError, KeyUnavailable
+
+_CURVES: dict[str, ec.EllipticCurve] = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
+
+# PKCS#11 §5.4: C_Initialize once per process, and login state is shared by every
+# session of one application on a token, so one logged-in session per token is kept
+# and all signers on that token share it (and its lock: sessions are not thread-safe,
+# PKCS#11 §5.1.5).
+_LIBRARIES: dict[str, Any] = {}
+_SESSIONS: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_LIBRARY_LOCK = threading.Lock()
+
+
+def _library(module: str) -> Any:
+    with _LIBRARY_LOCK:
+        if module not in _LIBRARIES:
+            try:
+                _LIBRARIES[module] = pkcs11.lib(module)
+            except (RuntimeError, OSError, pkcs11.PKCS11Error) as exc:
+                raise ConfigurationError(
+                    f"cannot load PKCS#11 module {module}: {exc}",
+                    hint="check the module path (e.g. /usr/lib/softhsm/libsofthsm2.so)",
+                ) from exc
+        return _LIBRARIES[module]
+
+
+class _TokenECKey(ec.EllipticCurvePrivateKey):
+    """An EC private key whose operations run on the token; export is impossible."""
+
+    def __init__(self, signer: Pkcs11Signer) -> None:
+        self._signer = signer
+
+    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        algorithm = signature_algorithm.algorithm
+        if isinstance(algorithm, utils.Prehashed):
+            digest = data
+        else:
+            hasher = hashes.Hash(algorithm)
+            hasher.update(data)
+            digest = hasher.finalize()
+        raw = self._signer.sign_digest(digest)
+        half = len(raw) // 2
+        return utils.encode_dss_signature(
+            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+        )
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._signer.public_key()
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._signer.public_key().curve
+
+    @property
+    def key_size(self) -> int:
+        return self.curve.key_size
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        self._refuse()
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        self._refuse()
+
+    def private_bytes(
+        self, encoding: Encoding, format: PrivateFormat, encryption_algorithm: Any
+    ) -> bytes:
+        self._refuse()
+
+    def __copy__(self) -> _TokenECKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _TokenECKey:
+        return self
+
+    @staticmethod
+    def _refuse() -> NoReturn:
+        raise KeyUnavailable("this key lives on a PKCS#11 token and cannot be exported")
+
+
+class Pkcs11Signer:
+    """A signing key on a PKCS#11 token, found by token label and key label."""
+
+    def __init__(
+        self,
+        session: tuple[Any, threading.Lock],
+        private: Any,
+        public_key: ec.EllipticCurvePublicKey,
+        ref: dict[str, str],
+    ) -> None:
+        self._session, self._lock = session
+        self._private = private
+        self._public_key = public_key
+        self._ref = ref
+        self._proxy = _TokenECKey(self)
+
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        return self._proxy
+
+    @property
+    def key_ref(self) -> dict[str, str]:
+        return dict(self._ref)
+
+    @property
+    def token_private_key(self) -> Any:
+        """The python-pkcs11 key object (for attribute checks)."""
+        return self._private
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public_key
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        with self._lock:
+            try:
+                return bytes(self._private.sign(digest, mechanism=Mechanism.ECDSA))
+            except pkcs11.PKCS11Error as exc:
+                raise KeyUnavailable(f"the PKCS#11 token refused to sign: {exc!r}") from exc
+
+    @classmethod
+    def generate(
+        cls, *, module: str, token_label: str, key_label: str, pin: str, curve: str = "secp256r1"
+    ) -> Pkcs11Signer:
+        """Generate a non-extractable EC key pair on the token.
+
+        Raises:
+            ConfigurationError: a key with that label already exists, or the curve is unknown.
+        """
+        if curve not in _CURVES:
+            raise ConfigurationError(
+                f"unsupported curve {curve}", hint="use secp256r1 or secp384r1"
+            )
+        opened = _open_session(module, token_label, pin)
+        session = opened[0]
+        if list(
+            session.get_objects(
+                {Attribute.LABEL: key_label, Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+            )
+        ):
+            raise ConfigurationError(
+                f"token {token_label!r} already holds a key labelled {key_label!r}",
+                hint="choose another key label or reuse the existing CA",
+            )
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True
+        )
+        public, private = params.generate_keypair(
+            store=True,
+            label=key_label,
+            public_template={Attribute.VERIFY: True},
+            private_template={
+                Attribute.SIGN: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.PRIVATE: True,
+                Attribute.TOKEN: True,
+            },
+        )
+        ref = {
+            "backend": "pkcs11",
+            "module": module,
+            "token_label": token_label,
+            "key_label": key_label,
+        }
+        return cls(opened, private, _public_key_of(public), ref)
+
+    @classmethod
+    def open(cls, *, module: str, token_label: str, key_label: str, pin: str) -> Pkcs11Signer:
+        """Open an existing key pair by label.
+
+        Raises:
+            KeyUnavailable: no such key on the token, or the PIN is wrong.
+        """
+        opened = _open_session(module, token_label, pin)
+        session = opened[0]
+        try:
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
+            public = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=key_label)
+        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as exc:
+            raise KeyUnavailable(
+                f"no unique key {key_label!r} on token {token_label!r}",
+                hint="check the token and key labels stored with the CA",
+            ) from exc
+        ref = {
+            "backend": "pkcs11",
+            "module": module,
+            "token_label": token_label,
+            "key_label": key_label,
+        }
+        return cls(opened, private, _public_key_of(public), ref)
+
+
+def _open_session(module: str, token_label: str, pin: str) -> tuple[Any, threading.Lock]:
+    with _LIBRARY_LOCK:
+        cached = _SESSIONS.get((module, token_label))
+    if cached is not None:
+        return cached
+    lib = _library(module)
+    try:
+        token = lib.get_token(token_label=token_label)
+    except (pkcs11.NoSuchToken, pkcs11.MultipleTokensReturned) as exc:
+        raise KeyUnavailable(
+            f"no unique PKCS#11 token labelled {token_label!r}",
+            hint="initialise it, e.g. softhsm2-util --init-token --free --label LABEL",
+        ) from exc
+    try:
+        session = token.open(user_pin=pin, rw=True)
+    except pkcs11.PKCS11Error as exc:
+        raise KeyUnavailable(
+            f"cannot log in to token {token_label!r}: {exc!r}", hint="check the PIN"
+        ) from exc
+    with _LIBRARY_LOCK:
+        return _SESSIONS.setdefault((module, token_label), (session, threading.Lock()))
+
+
+def _public_key_of(public: Any) -> ec.EllipticCurvePublicKey:
+    key = load_der_public_key(encode_ec_public_key(public))
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KeyUnavailable("the token's public key is not an EC key")
+    return key

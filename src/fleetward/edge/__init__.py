@@ -1,0 +1,1 @@
+"""Listeners devices and relying parties talk to."""

@@ -1,0 +1,5 @@
+"""Device registry and lifecycle service."""
+
+from fleetward.registry.service import Registry, StateChange
+
+__all__ = ["Registry", "StateChange"]

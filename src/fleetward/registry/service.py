@@ -1,0 +1,322 @@
+"""The registry: devices, device types, their certificates and every lifecycle change.
+
+This is the one place that changes a device's state. It checks the transitions table,
+revokes credentials where the target state demands it, and audits the change in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy import Connection
+
+from fleetward.audit import AuditLog
+from fleetward.ca import Authority, IssueRequest, get_profile, parse_csr, profiles_from_config
+from fleetward.ca.reasons import parse_reason
+from fleetward.clock import Clock
+from fleetward.errors import FleetwardError, InvalidInput, NotFound, PolicyViolation
+from fleetward.model import (
+    ISSUABLE_STATES,
+    REVOKING_STATES,
+    AuditEvent,
+    CertificateRecord,
+    Device,
+    DeviceType,
+    LifecycleState,
+    check_transition,
+    validate_device_id,
+    validate_type_name,
+)
+from fleetward.store import Database
+from fleetward.store import certificates as cert_rows
+from fleetward.store import devices as device_rows
+
+log = structlog.get_logger("fleetward.registry")
+
+MAX_LABELS = 32
+MAX_LABEL_LENGTH = 128  # characters, for keys and values alike
+MAX_PAGE = 1000  # devices per list call
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    device: Device
+    previous: LifecycleState
+    revoked: tuple[CertificateRecord, ...] = field(default=())
+
+
+class Registry:
+    def __init__(self, db: Database, authority: Authority, audit: AuditLog, clock: Clock) -> None:
+        self.db = db
+        self.authority = authority
+        self.audit = audit
+        self.clock = clock
+        self.profiles = profiles_from_config(authority.config)
+
+    # --- device types -----------------------------------------------------------------
+
+    def create_type(
+        self, name: str, description: str, message_types: list[str], actor: str
+    ) -> DeviceType:
+        validate_type_name(name)
+        device_type = DeviceType(name, description, tuple(message_types))
+        with self.db.transaction() as conn:
+            device_rows.insert_type(conn, device_type, self.clock.now())
+            self.audit.append(
+                conn,
+                AuditEvent(
+                    action="device_type.created",
+                    actor=actor,
+                    target=f"type:{name}",
+                    details={"message_types": list(message_types)},
+                ),
+            )
+        return device_type
+
+    def list_types(self) -> list[DeviceType]:
+        with self.db.read() as conn:
+            return device_rows.list_types(conn)
+
+    # --- devices ----------------------------------------------------------------------
+
+    def create_device(
+        self,
+        device_id: str,
+        type_name: str,
+        owner: str,
+        labels: Mapping[str, str] | None,
+        actor: str,
+    ) -> Device:
+        """Register a device in state ``registered``.
+
+        Raises:
+            InvalidInput: bad id, labels or owner.
+            NotFound: the device type does not exist.
+            Conflict: the id is taken.
+        """
+        validate_device_id(device_id)
+        labels = _validate_labels(labels or {})
+        if not owner or len(owner) > 128:
+            raise InvalidInput("owner must be 1-128 characters", hint="e.g. --owner acme")
+        now = self.clock.now()
+        device = Device(
+            id=device_id,
+            type=type_name,
+            owner=owner,
+            state=LifecycleState.REGISTERED,
+            labels=labels,
+            created_at=now,
+            updated_at=now,
+        )
+        with self.db.transaction() as conn:
+            if device_rows.get_type(conn, type_name) is None:
+                raise NotFound(
+                    f"device type {type_name!r} does not exist",
+                    hint=f"create it first: fleetward type add {type_name}",
+                )
+            device_rows.insert_device(conn, device)
+            self.audit.append(
+                conn,
+                AuditEvent(
+                    action="device.created",
+                    actor=actor,
+                    target=f"device:{device_id}",
+                    details={"type": type_name, "owner": owner},
+                ),
+            )
+        return device
+
+    def get_device(self, device_id: str) -> Device:
+        with self.db.read() as conn:
+            return _require_device(conn, device_id)
+
+    def list_devices(
+        self,
+        *,
+        state: LifecycleState | None = None,
+        type_name: str | None = None,
+        owner: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Device]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", hint="e.g. limit=100")
+        with self.db.read() as conn:
+            return device_rows.list_devices(
+                conn, state=state, type_name=type_name, owner=owner, after=after, limit=limit
+            )
+
+    def change_state(
+        self, device_id: str, target: LifecycleState, actor: str, reason: str = ""
+    ) -> StateChange:
+        """Move a device to ``target`` if the transitions table allows it.
+
+        Entering ``compromised`` or ``retired`` revokes every unrevoked certificate of the
+        device (keyCompromise / cessationOfOperation) and re-signs the CRL once.
+
+        Raises:
+            NotFound: no such device.
+            IllegalTransition: the move is not in the table; names the allowed ones.
+        """
+        with self.db.transaction() as conn:
+            device = _require_device(conn, device_id, for_update=True)
+            check_transition(device.state, target)
+            now = self.clock.now()
+            device_rows.update_state(conn, device_id, target, now)
+            self.audit.append(
+                conn,
+                AuditEvent(
+                    action="device.state_changed",
+                    actor=actor,
+                    target=f"device:{device_id}",
+                    details={"from": device.state.value, "to": target.value, "reason": reason},
+                ),
+            )
+            revoked: tuple[CertificateRecord, ...] = ()
+            if target in REVOKING_STATES:
+                revoked = self._revoke_all(conn, device_id, REVOKING_STATES[target], actor)
+            updated = _require_device(conn, device_id)
+        log.info(
+            "device state changed",
+            device=device_id,
+            previous=device.state.value,
+            state=target.value,
+            revoked=len(revoked),
+        )
+        return StateChange(updated, device.state, revoked)
+
+    # --- certificates -----------------------------------------------------------------
+
+    def issue_certificate(
+        self, device_id: str, csr_data: bytes, profile_name: str, actor: str
+    ) -> CertificateRecord:
+        """Issue a certificate for a registered device from its CSR.
+
+        A ``registered`` device becomes ``active`` with its first certificate.
+
+        Raises:
+            InvalidInput, PolicyViolation: the CSR is refused by the pipeline.
+            NotFound: no such device.
+        """
+        try:
+            profile = get_profile(self.profiles, profile_name)
+            if profile.name == "server":
+                raise PolicyViolation(
+                    "server certificates are not issued to devices",
+                    hint="use the device or gateway profile",
+                )
+            csr = parse_csr(csr_data)
+            with self.db.transaction() as conn:
+                device = _require_device(conn, device_id, for_update=True)
+                if device.state not in ISSUABLE_STATES:
+                    raise PolicyViolation(
+                        f"device {device_id} is {device.state.value}; it cannot get certificates",
+                        hint="only registered, active or quarantined devices can be issued to",
+                    )
+                record = self.authority.issue(
+                    conn,
+                    IssueRequest(
+                        public_key=csr.public_key(), profile=profile, device=device, csr=csr
+                    ),
+                    actor,
+                )
+                if device.state is LifecycleState.REGISTERED:
+                    check_transition(device.state, LifecycleState.ACTIVE)
+                    device_rows.update_state(
+                        conn, device_id, LifecycleState.ACTIVE, self.clock.now()
+                    )
+                    self.audit.append(
+                        conn,
+                        AuditEvent(
+                            action="device.state_changed",
+                            actor=actor,
+                            target=f"device:{device_id}",
+                            details={
+                                "from": "registered",
+                                "to": "active",
+                                "reason": "first certificate issued",
+                            },
+                        ),
+                    )
+            return record
+        except FleetwardError as exc:
+            self._audit_failure("certificate.issue_refused", actor, f"device:{device_id}", exc)
+            raise
+
+    def list_certificates(self, device_id: str | None = None) -> list[CertificateRecord]:
+        with self.db.read() as conn:
+            if device_id is not None:
+                _require_device(conn, device_id)
+            return cert_rows.list_certificates(conn, device_id=device_id)
+
+    def get_certificate(self, serial: int) -> CertificateRecord:
+        with self.db.read() as conn:
+            record = cert_rows.get_certificate(conn, serial)
+        if record is None:
+            raise NotFound(f"no certificate with serial {serial:x}")
+        return record
+
+    def revoke_certificate(self, serial: int, reason: str, actor: str) -> CertificateRecord:
+        with self.db.transaction() as conn:
+            return self.authority.revoke(conn, serial, reason, actor)
+
+    def revoke_device_certificates(
+        self, device_id: str, reason: str, actor: str
+    ) -> list[CertificateRecord]:
+        reason = parse_reason(reason)
+        with self.db.transaction() as conn:
+            _require_device(conn, device_id)
+            return list(self._revoke_all(conn, device_id, reason, actor))
+
+    def _revoke_all(
+        self, conn: Connection, device_id: str, reason: str, actor: str
+    ) -> tuple[CertificateRecord, ...]:
+        live = cert_rows.list_certificates(conn, device_id=device_id, revoked=False)
+        revoked = tuple(
+            self.authority.revoke(conn, c.serial, reason, actor, refresh_crl=False) for c in live
+        )
+        for ca_name in sorted({c.ca_name for c in live}):
+            self.authority.refresh_crl(conn, ca_name)
+        return revoked
+
+    def _audit_failure(self, action: str, actor: str, target: str, exc: FleetwardError) -> None:
+        try:
+            with self.db.transaction() as conn:
+                self.audit.append(
+                    conn,
+                    AuditEvent(
+                        action=action,
+                        actor=actor,
+                        target=target,
+                        outcome="failure",
+                        details={"error": exc.problem_type, "detail": exc.message},
+                    ),
+                )
+        except FleetwardError:
+            log.exception("could not audit a refused request", action=action)
+
+
+def _require_device(conn: Connection, device_id: str, *, for_update: bool = False) -> Device:
+    device = device_rows.get_device(conn, device_id, for_update=for_update)
+    if device is None:
+        raise NotFound(
+            f"device {device_id!r} does not exist",
+            hint="register it first: fleetward device add ID --type T",
+        )
+    return device
+
+
+def _validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput(f"at most {MAX_LABELS} labels per device", hint="drop some labels")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidInput(
+                "labels are string keys with string values", hint='e.g. {"site": "plant-3"}'
+            )
+        if not key or len(key) > MAX_LABEL_LENGTH or len(value) > MAX_LABEL_LENGTH:
+            raise InvalidInput(f"label {key!r}: keys and values are 1-{MAX_LABEL_LENGTH} chars")
+    return dict(labels)

@@ -1,0 +1,89 @@
+"""Audit rows and the chain head. Hashing and verification live in fleetward.audit."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, insert, select, update
+
+from fleetward.store.schema import audit_events, audit_head
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    seq: int
+    at: dt.datetime
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    details: str  # canonical JSON text, exactly as hashed
+    prev_hash: str
+    hash: str
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRow:
+    seq: int
+    hash: str
+    mac: str
+
+
+def lock_head(conn: Connection) -> HeadRow | None:
+    """Read the chain head, locking it until commit (PostgreSQL ``FOR UPDATE``).
+
+    On SQLite the transaction already holds the write lock (BEGIN IMMEDIATE).
+    """
+    row = conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update()).first()
+    return HeadRow(row.seq, row.hash, row.mac) if row else None
+
+
+def insert_event(conn: Connection, row: AuditRow) -> None:
+    conn.execute(insert(audit_events).values(**{k: getattr(row, k) for k in AuditRow.__slots__}))
+
+
+def write_head(conn: Connection, head: HeadRow, *, existed: bool) -> None:
+    values = {"seq": head.seq, "hash": head.hash, "mac": head.mac}
+    if existed:
+        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(**values))
+    else:
+        conn.execute(insert(audit_head).values(id=1, **values))
+
+
+def iter_events(conn: Connection, batch: int = 5000) -> Iterator[AuditRow]:
+    """Every row in sequence order, fetched in batches (keyset on seq)."""
+    last = None
+    while True:
+        query = select(audit_events).order_by(audit_events.c.seq).limit(batch)
+        if last is not None:
+            query = query.where(audit_events.c.seq > last)
+        rows = [AuditRow(**r._mapping) for r in conn.execute(query)]
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq
+
+
+def query_events(
+    conn: Connection,
+    *,
+    after: int | None = None,
+    action: str | None = None,
+    limit: int = 100,
+    newest_first: bool = False,
+) -> list[AuditRow]:
+    query = select(audit_events).limit(limit)
+    query = query.order_by(audit_events.c.seq.desc() if newest_first else audit_events.c.seq)
+    if after is not None:
+        query = query.where(audit_events.c.seq > after)
+    if action is not None:
+        query = query.where(audit_events.c.action.startswith(action, autoescape=True))
+    return [AuditRow(**r._mapping) for r in conn.execute(query)]
+
+
+def read_head(conn: Connection) -> HeadRow | None:
+    row = conn.execute(select(audit_head).where(audit_head.c.id == 1)).first()
+    return HeadRow(row.seq, row.hash, row.mac) if row else None

@@ -1,0 +1,115 @@
+"""Issued certificates: stored with fingerprint, revocation state and owner."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from fleetward.model import CertificateRecord, format_serial
+from fleetward.store.schema import certificates
+
+
+class DuplicateSerial(Exception):
+    """The unique constraint on the serial fired; the caller draws a new serial."""
+
+
+def insert_certificate(conn: Connection, record: CertificateRecord) -> None:
+    """Insert inside a savepoint so a serial collision leaves the transaction usable.
+
+    Raises:
+        DuplicateSerial: the serial (or fingerprint) is already stored.
+    """
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(certificates).values(
+                    serial=format_serial(record.serial),
+                    fingerprint_sha256=record.fingerprint_sha256,
+                    ca_name=record.ca_name,
+                    device_id=record.device_id,
+                    profile=record.profile,
+                    subject=record.subject,
+                    not_before=record.not_before,
+                    not_after=record.not_after,
+                    pem=record.pem,
+                    issued_at=record.issued_at,
+                )
+            )
+    except IntegrityError as exc:
+        raise DuplicateSerial(format_serial(record.serial)) from exc
+
+
+def get_certificate(conn: Connection, serial: int) -> CertificateRecord | None:
+    row = conn.execute(
+        select(certificates).where(certificates.c.serial == format_serial(serial))
+    ).first()
+    return certificate_from_row(row._mapping) if row else None
+
+
+def list_certificates(
+    conn: Connection,
+    *,
+    device_id: str | None = None,
+    ca_name: str | None = None,
+    revoked: bool | None = None,
+    limit: int = 1000,
+) -> list[CertificateRecord]:
+    query = select(certificates).order_by(certificates.c.issued_at, certificates.c.serial)
+    if device_id is not None:
+        query = query.where(certificates.c.device_id == device_id)
+    if ca_name is not None:
+        query = query.where(certificates.c.ca_name == ca_name)
+    if revoked is True:
+        query = query.where(certificates.c.revoked_at.is_not(None))
+    elif revoked is False:
+        query = query.where(certificates.c.revoked_at.is_(None))
+    return [certificate_from_row(r._mapping) for r in conn.execute(query.limit(limit))]
+
+
+def mark_revoked(conn: Connection, serial: int, at: dt.datetime, reason: str) -> bool:
+    """Set revocation fields unless already revoked; True if this call revoked it."""
+    result = conn.execute(
+        update(certificates)
+        .where(certificates.c.serial == format_serial(serial))
+        .where(certificates.c.revoked_at.is_(None))
+        .values(revoked_at=at, revocation_reason=reason)
+    )
+    return result.rowcount == 1
+
+
+def revoked_entries(
+    conn: Connection, ca_name: str, now: dt.datetime
+) -> list[tuple[int, dt.datetime, str]]:
+    """(serial, revoked_at, reason) of revoked, unexpired certificates of one CA.
+
+    Expired certificates leave the CRL (RFC 5280 §3.3 allows it; validation rejects them
+    on expiry anyway), which keeps the list from growing without bound.
+    """
+    rows = conn.execute(
+        select(certificates.c.serial, certificates.c.revoked_at, certificates.c.revocation_reason)
+        .where(certificates.c.ca_name == ca_name)
+        .where(certificates.c.revoked_at.is_not(None))
+        .where(certificates.c.not_after > now)
+    )
+    return [(int(s, 16), at, reason) for s, at, reason in rows.tuples()]
+
+
+def certificate_from_row(row: Mapping[str, Any]) -> CertificateRecord:
+    return CertificateRecord(
+        serial=int(row["serial"], 16),
+        fingerprint_sha256=row["fingerprint_sha256"],
+        ca_name=row["ca_name"],
+        device_id=row["device_id"],
+        profile=row["profile"],
+        subject=row["subject"],
+        not_before=row["not_before"],
+        not_after=row["not_after"],
+        pem=row["pem"],
+        issued_at=row["issued_at"],
+        revoked_at=row["revoked_at"],
+        revocation_reason=row["revocation_reason"],
+    )

@@ -1,0 +1,161 @@
+"""The SQL schema (SQLAlchemy Core). Alembic migrations create it; this is its mirror.
+
+Times are stored as UTC; serials as lower-case hex text because 128-bit serials do not
+fit a BIGINT, and uniqueness is the database's job (a unique constraint, not a check).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use fleetward.clock")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)  # type: ignore[no-any-return]
+
+
+cas = Table(
+    "cas",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),  # root | issuing | oem
+    Column("parent_name", String(64), ForeignKey("cas.name"), nullable=True),
+    Column("subject", Text, nullable=False),
+    Column("cert_pem", Text, nullable=False),
+    Column("fingerprint_sha256", String(64), nullable=False, unique=True),
+    Column("key_ref", JSON, nullable=True),  # None for OEM CAs: we hold no key
+    Column("device_type", String(64), nullable=True),  # OEM CA → type of devices it makes
+    Column("imported", Boolean, nullable=False, default=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("crl_number", Integer, nullable=False, default=0),
+    Column("crl_der", LargeBinary, nullable=True),
+    Column("crl_this_update", UTCDateTime, nullable=True),
+    Column("crl_next_update", UTCDateTime, nullable=True),
+)
+
+device_types = Table(
+    "device_types",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("message_types", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("type", String(64), ForeignKey("device_types.name"), nullable=False),
+    Column("owner", String(128), nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("firmware_version", String(64), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=True),
+    Index("ix_devices_state", "state"),
+    Index("ix_devices_type", "type"),
+    Index("ix_devices_owner", "owner"),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(40), primary_key=True),  # hex; unique by this constraint
+    Column("fingerprint_sha256", String(64), nullable=False, unique=True),
+    Column("ca_name", String(64), ForeignKey("cas.name"), nullable=False),
+    Column("device_id", String(128), ForeignKey("devices.id"), nullable=True),
+    Column("profile", String(32), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("not_before", UTCDateTime, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("pem", Text, nullable=False),
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+    Index("ix_certificates_device_id", "device_id"),
+    Index("ix_certificates_ca_name_revoked_at", "ca_name", "revoked_at"),
+)
+
+operator_tokens = Table(
+    "operator_tokens",
+    metadata,
+    Column("token_id", String(32), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),  # never the token itself
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(300), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("details", Text, nullable=False),  # canonical JSON, exactly what was hashed
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("mac", String(64), nullable=False),  # HMAC-SHA256 with a key kept off the DB
+    Index("ix_audit_events_action", "action"),
+)
+
+# One row: the newest sequence number and hash, MACed with a key kept outside the
+# database, so that cutting rows off the end of the chain is detected too.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("mac", String(64), nullable=False),
+)
