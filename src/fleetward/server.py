@@ -74,6 +74,7 @@ _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
 def configure_logging(level: str = "info") -> None:
     """JSON logs on stderr; the audit module strips secret-looking keys before logging."""
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
