@@ -154,9 +154,9 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
     settings = Settings(data_dir=data_dir, listeners=listeners, ca=ca)
     if database_url:
         settings = replace(settings, database=replace(settings.database, url=database_url))
-    if not (os.environ.get(PASSPHRASE_ENV) or os.environ.get(PASSPHRASE_FILE_ENV)):
-        if not layout.passphrase_file.exists():
-            write_private_file(layout.passphrase_file, secrets.token_urlsafe(32).encode())
+    external_passphrase = os.environ.get(PASSPHRASE_ENV) or os.environ.get(PASSPHRASE_FILE_ENV)
+    if not external_passphrase and not layout.passphrase_file.exists():
+        write_private_file(layout.passphrase_file, secrets.token_urlsafe(32).encode())
     if not layout.audit_key_file.exists():
         write_private_file(layout.audit_key_file, secrets.token_hex(32).encode())
     passphrase = _passphrase(layout)
@@ -443,10 +443,15 @@ def serve_command(
     configure_logging(log_level)
     try:
         base = load_settings(data_dir).listeners
-        overrides = {k: v for k, v in {"host": host, "public_port": public_port,
-                                       "admin_port": admin_port, "device_port": device_port,
-                                       "mqtt_port": mqtt_port}.items() if v is not None}
-        serve(data_dir, replace(base, **overrides))
+        listeners = replace(
+            base,
+            host=host if host is not None else base.host,
+            public_port=public_port if public_port is not None else base.public_port,
+            admin_port=admin_port if admin_port is not None else base.admin_port,
+            device_port=device_port if device_port is not None else base.device_port,
+            mqtt_port=mqtt_port if mqtt_port is not None else base.mqtt_port,
+        )
+        serve(data_dir, listeners)
     except FleetwardError as exc:
         fail(exc)
 

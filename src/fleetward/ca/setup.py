@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from sqlalchemy import Connection
 
 from fleetward.audit import AuditLog
@@ -117,11 +117,11 @@ def build_issuing_certificate(
             x509.AuthorityInformationAccess(
                 [
                     x509.AccessDescription(
-                        x509.AuthorityInformationAccessOID.OCSP,
+                        AuthorityInformationAccessOID.OCSP,
                         x509.UniformResourceIdentifier(f"{base}/ocsp"),
                     ),
                     x509.AccessDescription(
-                        x509.AuthorityInformationAccessOID.CA_ISSUERS,
+                        AuthorityInformationAccessOID.CA_ISSUERS,
                         x509.UniformResourceIdentifier(f"{base}/ca/{root.name}.der"),
                     ),
                 ]

@@ -42,7 +42,7 @@ class Signer(Protocol):
     def public_key(self) -> CertificateIssuerPublicKeyTypes: ...
 
 
-def signature_hash(public_key: CertificateIssuerPublicKeyTypes) -> hashes.HashAlgorithm:
+def signature_hash(public_key: CertificateIssuerPublicKeyTypes) -> hashes.SHA256 | hashes.SHA384:
     """Hash to sign with, matched to the key strength (RFC 5480 §4 for ECDSA)."""
     if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.key_size > 256:
         return hashes.SHA384()

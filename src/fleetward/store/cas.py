@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, RowMapping, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fleetward.errors import Conflict
@@ -75,5 +73,5 @@ def store_crl(
     )
 
 
-def _from_row(row: Mapping[str, Any]) -> CARow:
+def _from_row(row: RowMapping) -> CARow:
     return CARow(**{k: row[k] for k in CARow.__slots__})

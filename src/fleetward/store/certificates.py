@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
-from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, RowMapping, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fleetward.model import CertificateRecord, format_serial
@@ -98,7 +96,7 @@ def revoked_entries(
     return [(int(s, 16), at, reason) for s, at, reason in rows.tuples()]
 
 
-def certificate_from_row(row: Mapping[str, Any]) -> CertificateRecord:
+def certificate_from_row(row: RowMapping) -> CertificateRecord:
     return CertificateRecord(
         serial=int(row["serial"], 16),
         fingerprint_sha256=row["fingerprint_sha256"],

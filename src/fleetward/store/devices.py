@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
-from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, RowMapping, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fleetward.errors import Conflict
@@ -102,7 +100,7 @@ def update_state(conn: Connection, device_id: str, state: LifecycleState, at: dt
     )
 
 
-def device_from_row(row: Mapping[str, Any]) -> Device:
+def device_from_row(row: RowMapping) -> Device:
     return Device(
         id=row["id"],
         type=row["type"],
@@ -116,7 +114,7 @@ def device_from_row(row: Mapping[str, Any]) -> Device:
     )
 
 
-def _type_from_row(row: Mapping[str, Any]) -> DeviceType:
+def _type_from_row(row: RowMapping) -> DeviceType:
     return DeviceType(
         name=row["name"],
         description=row["description"],

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, RowMapping, insert, select, update
 
 from fleetward.model import Role
 from fleetward.store.schema import operator_tokens
@@ -58,7 +56,7 @@ def revoke_token(conn: Connection, token_id: str, at: dt.datetime) -> bool:
     return result.rowcount == 1
 
 
-def _from_row(row: Mapping[str, Any]) -> TokenRow:
+def _from_row(row: RowMapping) -> TokenRow:
     return TokenRow(
         token_id=row["token_id"],
         name=row["name"],

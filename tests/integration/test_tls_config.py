@@ -1,0 +1,76 @@
+"""The shared TLS configuration, checked with `openssl s_client` against the admin listener.
+
+Each refusal has a negative control: the same client command succeeds against an
+`openssl s_server` that does allow the weak setting, so a client that refuses by itself
+(Debian's default security level refuses TLS 1.1) cannot make the test pass.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningServer, free_port
+
+
+def s_client(port: int, *args: str, ca: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+         "-CAfile", str(ca), "-verify_return_error", *args],
+        input="", capture_output=True, text=True, timeout=30)
+
+
+def handshake_ok(result: subprocess.CompletedProcess[str]) -> bool:
+    return result.returncode == 0 and "Cipher is (NONE)" not in result.stdout \
+        and "Verify return code: 0 (ok)" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def weak_server(server: RunningServer) -> Iterator[int]:
+    """openssl s_server with our server certificate that accepts TLS 1.1 and CBC suites."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["openssl", "s_server", "-accept", str(port), "-www",
+         "-cert", str(server.data_dir / "certs/server.pem"),
+         "-key", str(server.data_dir / "keys/server.key"),
+         "-pass", f"file:{server.data_dir / 'secrets/ca-passphrase'}",
+         "-cipher", "DEFAULT:@SECLEVEL=0", "-min_protocol", "TLSv1.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    yield port
+    process.terminate()
+    process.wait(5)
+
+
+LEGACY = [("tls1", ["-tls1"]), ("tls1_1", ["-tls1_1"])]
+
+
+@pytest.mark.parametrize(("name", "flags"), LEGACY, ids=[n for n, _ in LEGACY])
+def test_legacy_protocol_versions_are_refused(server: RunningServer, weak_server: int,
+                                              name: str, flags: list[str]) -> None:
+    args = [*flags, "-cipher", "DEFAULT:@SECLEVEL=0"]
+    assert not handshake_ok(s_client(server.admin_port, *args, ca=server.chain))
+    if name == "tls1_1":  # negative control: this client really speaks TLS 1.1
+        assert handshake_ok(s_client(weak_server, *args, ca=server.chain))
+
+
+def test_tls12_non_aead_cipher_is_refused(server: RunningServer, weak_server: int) -> None:
+    # ECDSA certificate, so offer an ECDSA-compatible CBC suite (ARCHITECTURE §4a).
+    args = ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]
+    assert not handshake_ok(s_client(server.admin_port, *args, ca=server.chain))
+    assert handshake_ok(s_client(weak_server, *args, ca=server.chain))
+
+
+def test_tls12_ecdhe_aead_and_tls13_are_accepted(server: RunningServer) -> None:
+    tls12 = s_client(server.admin_port, "-tls1_2", ca=server.chain)
+    assert handshake_ok(tls12) and "ECDHE-ECDSA-AES" in tls12.stdout and "GCM" in tls12.stdout
+    tls13 = s_client(server.admin_port, "-tls1_3", ca=server.chain)
+    assert handshake_ok(tls13) and "TLSv1.3" in tls13.stdout
+
+
+def test_default_handshake_prefers_tls13(server: RunningServer) -> None:
+    assert "TLSv1.3" in s_client(server.admin_port, ca=server.chain).stdout
