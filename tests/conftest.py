@@ -150,6 +150,7 @@ class RunningServer:
     admin_url: str
     public_port: int
     admin_port: int
+    device_port: int
     token: str
     chain: Path
     process: subprocess.Popen[bytes]
@@ -182,7 +183,7 @@ class RunningServer:
 
 def start_server(data_dir: Path, extra_init: list[str] | None = None,
                  env: dict[str, str] | None = None) -> RunningServer:
-    public_port, admin_port = free_port(), free_port()
+    public_port, admin_port, device_port = free_port(), free_port(), free_port()
     public_url = f"http://127.0.0.1:{public_port}"
     env = dict(env or os.environ)
     subprocess.run([*FLEETWARD, "init", "--data-dir", str(data_dir), "--public-url", public_url,
@@ -192,10 +193,11 @@ def start_server(data_dir: Path, extra_init: list[str] | None = None,
     log = log_file.open("wb")
     process = subprocess.Popen(
         [*FLEETWARD, "serve", "--data-dir", str(data_dir), "--public-port", str(public_port),
-         "--admin-port", str(admin_port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+         "--admin-port", str(admin_port), "--device-port", str(device_port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(
         data_dir=data_dir, public_url=public_url, admin_url=f"https://localhost:{admin_port}",
-        public_port=public_port, admin_port=admin_port,
+        public_port=public_port, admin_port=admin_port, device_port=device_port,
         token=(data_dir / "secrets" / "admin-token").read_text().strip(),
         chain=data_dir / "certs" / "chain.pem", process=process, log_file=log_file)
     deadline = time.monotonic() + 30

@@ -52,6 +52,7 @@ from fleetward.crypto.signer import (
     write_private_file,
 )
 from fleetward.crypto.x509util import load_certificate
+from fleetward.edge.device import build_device_app
 from fleetward.edge.public import PublicEndpoints, build_public_app
 from fleetward.errors import ConfigurationError, FleetwardError, KeyUnavailable
 from fleetward.model import DeviceType, Role
@@ -317,6 +318,7 @@ class Node:
         sites = [
             (self.public_app(), listeners.public_port, None, "public"),
             (self.admin_app(), listeners.admin_port, tls, "admin"),
+            (build_device_app(), listeners.device_port, tls, "device"),
         ]
         try:
             for app, port, ssl_ctx, name in sites:
@@ -332,8 +334,8 @@ class Node:
                 admin_host = "localhost"
             self.layout.admin_url_file.write_text(
                 f"https://{admin_host}:{listeners.admin_port}\n")
-            log.info("device listeners arrive with enrollment and MQTT",
-                     device_port=listeners.device_port, mqtt_port=listeners.mqtt_port)
+            log.info("MQTT listener arrives with the secure-channel issue; port reserved",
+                     mqtt_port=listeners.mqtt_port)
             refresher = asyncio.create_task(self._crl_loop(stop))
             await stop.wait()
             refresher.cancel()

@@ -137,7 +137,8 @@ def test_import_existing_ca_issues_under_it_and_keeps_root_key_away(tmp_path: Pa
         "--import-root-cert", str(root_pem)], env=env)
     try:
         assert not (server.data_dir / "keys/root-ca.key").exists()
-        chain = x509.load_pem_x509_certificates(httpx.get(f"{server.public_url}/ca/chain.pem").content)
+        chain_pem = httpx.get(f"{server.public_url}/ca/chain.pem").content
+        chain = x509.load_pem_x509_certificates(chain_pem)
         assert chain[0].subject.rfc4514_string() == "CN=Acme Devices CA"
         assert chain[1].subject.rfc4514_string() == "CN=Acme Legacy Root"
         with server.admin() as client:

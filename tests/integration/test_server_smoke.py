@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import ssl
+from pathlib import Path
+
 import httpx
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.conftest import RunningServer
 
@@ -38,3 +46,50 @@ def test_unknown_public_path_is_problem_json(server: RunningServer) -> None:
     assert response.status_code == 404
     body = response.json()
     assert body["status"] == 404 and body["hint"]
+
+
+def _client_cert(server: RunningServer, tmp_path: Path, device_id: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    with server.admin() as client:
+        assert client.post("/v1/devices", json={"id": device_id, "type": "default"}
+                           ).status_code == 201
+        issued = client.post(f"/v1/devices/{device_id}/certificates", json={"csr": csr}).json()
+    cert_file, key_file = tmp_path / "dev.pem", tmp_path / "dev.key"
+    cert_file.write_text(issued["pem"] + issued["chain_pem"])
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_device_listener_sees_the_client_certificate(server: RunningServer,
+                                                     tmp_path: Path) -> None:
+    cert_file, key_file = _client_cert(server, tmp_path, "smoke-dev-1")
+    url = f"https://localhost:{server.device_port}/v1/health"
+    with_cert = ssl.create_default_context(cafile=str(server.chain))
+    with_cert.load_cert_chain(str(cert_file), str(key_file))
+    seen = httpx.get(url, verify=with_cert, timeout=5).json()
+    assert seen == {"status": "ok", "client_certificate": True, "client_cn": "smoke-dev-1"}
+    anonymous = httpx.get(url, verify=server.tls(), timeout=5).json()
+    assert anonymous["client_certificate"] is False
+
+
+def test_device_listener_refuses_a_certificate_from_another_ca(server: RunningServer,
+                                                               tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smoke-dev-1")])
+    now = dt.datetime.now(dt.UTC)
+    forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+              .public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(hours=1))
+              .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (tmp_path / "forged.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "forged.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.create_default_context(cafile=str(server.chain))
+    ctx.load_cert_chain(str(tmp_path / "forged.pem"), str(tmp_path / "forged.key"))
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"https://localhost:{server.device_port}/v1/health", verify=ctx, timeout=5)

@@ -49,19 +49,24 @@ def weak_server(server: RunningServer) -> Iterator[int]:
 LEGACY = [("tls1", ["-tls1"]), ("tls1_1", ["-tls1_1"])]
 
 
+@pytest.mark.parametrize("listener", ["admin", "device"])
 @pytest.mark.parametrize(("name", "flags"), LEGACY, ids=[n for n, _ in LEGACY])
 def test_legacy_protocol_versions_are_refused(server: RunningServer, weak_server: int,
-                                              name: str, flags: list[str]) -> None:
+                                              name: str, flags: list[str], listener: str) -> None:
     args = [*flags, "-cipher", "DEFAULT:@SECLEVEL=0"]
-    assert not handshake_ok(s_client(server.admin_port, *args, ca=server.chain))
+    port = server.admin_port if listener == "admin" else server.device_port
+    assert not handshake_ok(s_client(port, *args, ca=server.chain))
     if name == "tls1_1":  # negative control: this client really speaks TLS 1.1
         assert handshake_ok(s_client(weak_server, *args, ca=server.chain))
 
 
-def test_tls12_non_aead_cipher_is_refused(server: RunningServer, weak_server: int) -> None:
+@pytest.mark.parametrize("listener", ["admin", "device"])
+def test_tls12_non_aead_cipher_is_refused(server: RunningServer, weak_server: int,
+                                          listener: str) -> None:
     # ECDSA certificate, so offer an ECDSA-compatible CBC suite (ARCHITECTURE §4a).
     args = ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]
-    assert not handshake_ok(s_client(server.admin_port, *args, ca=server.chain))
+    port = server.admin_port if listener == "admin" else server.device_port
+    assert not handshake_ok(s_client(port, *args, ca=server.chain))
     assert handshake_ok(s_client(weak_server, *args, ca=server.chain))
 
 

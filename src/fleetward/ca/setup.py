@@ -17,10 +17,11 @@ from fleetward.audit import AuditLog
 from fleetward.ca.authority import CAHandle, require_signer
 from fleetward.crypto.signer import Signer, signature_hash
 from fleetward.crypto.x509util import fingerprint_sha256, random_serial, to_pem
-from fleetward.errors import InvalidInput, PolicyViolation
+from fleetward.errors import InvalidInput, NotFound, PolicyViolation
 from fleetward.model import AuditEvent, CertificateRecord
 from fleetward.store import cas as ca_rows
 from fleetward.store import certificates as cert_rows
+from fleetward.store import devices as device_rows
 from fleetward.store.cas import CARow
 
 ROOT_NAME = "root"
@@ -306,6 +307,7 @@ def register_oem_ca(
 
     Raises:
         InvalidInput: not a PEM CA certificate, or expired.
+        NotFound: the device type does not exist.
         Conflict: the name or certificate is already registered.
     """
     try:
@@ -316,6 +318,9 @@ def register_oem_ca(
             hint="pass the manufacturer's CA certificate in PEM",
         ) from None
     _require_ca_certificate(cert, "OEM CA")
+    if device_rows.get_type(conn, device_type) is None:
+        raise NotFound(f"device type {device_type!r} does not exist",
+                       hint=f"create it first: fleetward type add {device_type}")
     if cert.not_valid_after_utc <= now:
         raise InvalidInput(
             "the OEM CA certificate has expired", hint="ask the OEM for a current one"

@@ -93,7 +93,7 @@ def revoked_entries(
         .where(certificates.c.revoked_at.is_not(None))
         .where(certificates.c.not_after > now)
     )
-    return [(int(s, 16), at, reason) for s, at, reason in rows.tuples()]
+    return [(int(s, 16), at, reason) for s, at, reason in rows]
 
 
 def certificate_from_row(row: RowMapping) -> CertificateRecord:

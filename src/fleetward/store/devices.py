@@ -91,7 +91,7 @@ def list_devices(
 
 def count_devices_by_state(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(devices.c.state, func.count()).group_by(devices.c.state))
-    return {state: count for state, count in rows.tuples()}
+    return {state: count for state, count in rows}
 
 
 def update_state(conn: Connection, device_id: str, state: LifecycleState, at: dt.datetime) -> None:
