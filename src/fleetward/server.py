@@ -23,6 +23,7 @@ import structlog
 import typer
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import make_url
 
 from fleetward.admin.app import AdminServices, build_admin_app
 from fleetward.admin.auth import OperatorTokens
@@ -153,7 +154,8 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
     ca = replace(Settings(data_dir).ca, key_backend=key_backend, pkcs11_module=pkcs11_module,
                  pkcs11_token_label=pkcs11_token_label, pkcs11_pin_file=pkcs11_pin_file)
     settings = Settings(data_dir=data_dir, listeners=listeners, ca=ca)
-    if database_url:
+    if database_url and make_url(database_url).password is None:
+        # A URL with a password stays in FLEETWARD_DATABASE_URL, never in the config file.
         settings = replace(settings, database=replace(settings.database, url=database_url))
     external_passphrase = os.environ.get(PASSPHRASE_ENV) or os.environ.get(PASSPHRASE_FILE_ENV)
     if not external_passphrase and not layout.passphrase_file.exists():
@@ -164,7 +166,7 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
     audit = AuditLog(_audit_key(layout), clock)
     now = clock.now()
 
-    db = Database(settings.database_url)
+    db = Database(database_url or settings.database_url)
     try:
         db.migrate()
         with db.transaction() as conn:

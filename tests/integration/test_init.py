@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from sqlalchemy import create_engine, text
 
 from tests.conftest import FLEETWARD, start_server, stop_server
 
@@ -191,3 +192,24 @@ def test_root_key_moved_offline_server_still_issues(tmp_path: Path) -> None:
         assert "CA key not available" in server.log_file.read_text()
     finally:
         stop_server(server)
+
+
+def test_init_and_serve_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    env = dict(os.environ, FLEETWARD_DATABASE_URL=postgres_url)
+    server = start_server(tmp_path / "data", env=env)
+    try:
+        assert not (server.data_dir / "fleetward.db").exists()  # nothing went to SQLite
+        assert "search_path" in (server.data_dir / "fleetward.toml").read_text()
+        with server.admin() as client:
+            assert client.post("/v1/devices", json={"id": "pg-1", "type": "default"}
+                               ).status_code == 201
+            assert client.get("/v1/devices/pg-1").json()["state"] == "registered"
+            assert client.get("/v1/audit/verify").json()["ok"] is True
+    finally:
+        stop_server(server)
+    engine = create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM devices")).scalars().all()
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    engine.dispose()
+    assert ids == ["pg-1"] and revision == "0001"

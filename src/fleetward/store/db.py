@@ -44,8 +44,9 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
+        """A read-only unit of work (on SQLite a deferred BEGIN: readers never queue)."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect().execution_options(fleetward_read_only=True) as conn:
                 yield conn
         except OperationalError as exc:
             raise StorageError(f"database error: {exc.orig}") from exc
@@ -81,7 +82,8 @@ def _create_engine(url: str, *, echo: bool) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get("fleetward_read_only", False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):
