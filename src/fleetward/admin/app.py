@@ -241,7 +241,7 @@ async def register_oem(request: web.Request, svc: AdminServices, op: Operator) -
 async def audit_query(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     limit = _query_int(request, "limit", 100)
     if not 1 <= limit <= 1000:
-        raise InvalidInput("limit must be between 1 and 1000")
+        raise InvalidInput("limit must be between 1 and 1000", hint="e.g. ?limit=100")
     after = _query_int(request, "after", 0) if "after" in request.query else None
 
     def query() -> list[dict[str, Any]]:

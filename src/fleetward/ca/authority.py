@@ -215,9 +215,9 @@ class Authority:
             row = ca_rows.get_ca(conn, handle.name)
             if row is None or handle.signer is None:
                 continue
-            if row.crl_next_update is None or row.crl_next_update - margin <= now:
-                if self.refresh_crl(conn, handle.name) is not None:
-                    refreshed.append(handle.name)
+            due = row.crl_next_update is None or row.crl_next_update - margin <= now
+            if due and self.refresh_crl(conn, handle.name) is not None:
+                refreshed.append(handle.name)
         return refreshed
 
     def crl_der(self, conn: Connection, ca_name: str) -> bytes:

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID, NameOID
 
 from fleetward.ca.profiles import Profile
 from fleetward.errors import InvalidInput, PolicyViolation
@@ -79,28 +80,80 @@ Enforcer = Callable[[IssueRequest, IssuerContext, Template], None]
 
 
 def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
-    """Parse a PEM or DER PKCS#10 request (RFC 2986).
+    """Parse a PEM or DER PKCS#10 request (RFC 2986) and decode every part issuance reads.
 
     Raises:
-        InvalidInput: the bytes are not a CSR.
+        InvalidInput: the bytes are not a CSR, or its subject, key or extensions are
+            malformed.
+        PolicyViolation: the key uses an algorithm or curve that cannot be handled.
     """
     try:
         if b"-----BEGIN" in data:
-            return x509.load_pem_x509_csr(data)
-        return x509.load_der_x509_csr(data)
+            csr = x509.load_pem_x509_csr(data)
+        else:
+            csr = x509.load_der_x509_csr(data)
     except ValueError as exc:
         raise InvalidInput(
             f"malformed certificate signing request: {exc}",
             hint="send a PKCS#10 CSR in PEM or DER, e.g. from `openssl req -new`",
+        ) from None
+    decode_csr(csr)
+    return csr
+
+
+def decode_csr(csr: x509.CertificateSigningRequest) -> None:
+    """Decode the lazily parsed parts of ``csr`` (subject, key, extensions) now.
+
+    cryptography decodes these on first access, so without this a malformed extension,
+    a duplicated extension (RFC 5280 §4.2) or an unsupported curve such as SM2 would
+    surface as a bare ValueError / UnsupportedAlgorithm deep inside issuance: a 500
+    instead of a refusal, and no refusal in the audit log.
+
+    Raises:
+        InvalidInput: a part is malformed.
+        PolicyViolation: the key algorithm or curve is not supported at all.
+    """
+    hint = "send a PKCS#10 CSR in PEM or DER, e.g. from `openssl req -new`"
+    try:
+        _ = csr.subject
+    except ValueError as exc:
+        raise InvalidInput(f"the CSR subject is malformed: {exc}", hint=hint) from None
+    try:
+        csr.public_key()
+    except UnsupportedAlgorithm as exc:
+        raise PolicyViolation(
+            f"the CSR key type is not supported: {exc}",
+            hint="use an ECDSA P-256 key (recommended), P-384 or RSA ≥ 2048",
+        ) from None
+    except ValueError as exc:
+        raise InvalidInput(f"the CSR public key is malformed: {exc}", hint=hint) from None
+    try:
+        _ = csr.extensions
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise InvalidInput(
+            f"the CSR extensions are malformed: {exc}",
+            hint="request each extension at most once, DER-encoded; or request none",
         ) from None
 
 
 # --- validators: the request alone --------------------------------------------------
 
 
+def validate_csr_decodes(request: IssueRequest) -> None:
+    # Callers that built the CSR object themselves did not go through parse_csr.
+    if request.csr is not None:
+        decode_csr(request.csr)
+
+
 def validate_csr_signature(request: IssueRequest) -> None:
     # RFC 2986 §3: the signature proves possession of the private key.
-    if request.csr is not None and not request.csr.is_signature_valid:
+    if request.csr is None:
+        return
+    try:
+        valid = request.csr.is_signature_valid
+    except (UnsupportedAlgorithm, ValueError):
+        valid = False
+    if not valid:
         raise InvalidInput(
             "the CSR signature does not verify",
             hint="the CSR must be signed by the private key whose public key it carries",
@@ -175,6 +228,7 @@ def validate_requested_names(request: IssueRequest) -> None:
 
 
 VALIDATORS: tuple[Validator, ...] = (
+    validate_csr_decodes,
     validate_csr_signature,
     validate_key_type,
     validate_requested_extensions,
@@ -264,11 +318,11 @@ def set_revocation_pointers(request: IssueRequest, ctx: IssuerContext, t: Templa
         x509.AuthorityInformationAccess(
             [
                 x509.AccessDescription(
-                    x509.AuthorityInformationAccessOID.OCSP,
+                    AuthorityInformationAccessOID.OCSP,
                     x509.UniformResourceIdentifier(f"{base}/ocsp"),
                 ),
                 x509.AccessDescription(
-                    x509.AuthorityInformationAccessOID.CA_ISSUERS,
+                    AuthorityInformationAccessOID.CA_ISSUERS,
                     x509.UniformResourceIdentifier(f"{base}/ca/{ctx.ca_name}.der"),
                 ),
             ]

@@ -70,7 +70,7 @@ class AdminClient:
         self.connection = connection
         verify: ssl.SSLContext | bool = True
         if connection.ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(connection.ca_file))
+            verify = _trust_context(connection.ca_file)
         self._http = httpx.Client(
             base_url=connection.url, verify=verify, timeout=TIMEOUT_SECONDS,
             headers={"Authorization": f"Bearer {connection.token}",
@@ -84,6 +84,13 @@ class AdminClient:
         try:
             response = self._http.request(method, path, json=json, params=params)
         except httpx.TransportError as exc:
+            if _caused_by(exc, ssl.SSLCertVerificationError):
+                raise ConfigurationError(
+                    f"cannot verify the TLS certificate of the admin API at "
+                    f"{self.connection.url}: {exc}",
+                    hint=f"pass the CA chain that signed it with --ca-file (or set "
+                         f"{ADMIN_CA_ENV}); `fleetward init` wrote it to "
+                         f"<data-dir>/certs/chain.pem") from exc
             raise ConfigurationError(
                 f"cannot reach the admin API at {self.connection.url}: {exc}",
                 hint="is `fleetward serve` running, and is the URL right?") from exc
@@ -92,7 +99,12 @@ class AdminClient:
                 problem = response.json()
             except ValueError:
                 problem = {"detail": response.text[:200]}
-            raise ApiError(response.status_code, problem)
+            error = ApiError(response.status_code, problem)
+            if response.status_code == 401:
+                # The server's hint speaks HTTP; the CLI user sets a variable or a file.
+                error.hint = (f"check {ADMIN_TOKEN_ENV} (or <data-dir>/secrets/admin-token "
+                              f"on the server host); `fleetward operator add` makes new tokens")
+            raise error
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
@@ -103,3 +115,30 @@ class AdminClient:
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, json=body)
+
+
+def _trust_context(ca_file: Path) -> ssl.SSLContext:
+    """A TLS context that trusts only the certificates in ``ca_file``.
+
+    Raises:
+        ConfigurationError: the file is missing, unreadable or holds no PEM certificate.
+    """
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        raise ConfigurationError(
+            f"cannot use {ca_file} as the admin API's CA chain: {exc.strerror or exc}",
+            hint=f"pass a readable PEM file with --ca-file (or {ADMIN_CA_ENV}); "
+                 f"`fleetward init` wrote it to <data-dir>/certs/chain.pem") from exc
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is anywhere in the cause/context chain of ``exc``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -7,6 +7,9 @@ raw CKM_ECDSA over a digest computed here, which every token supports (SoftHSM2 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import threading
 from typing import Any, NoReturn
 
@@ -31,6 +34,10 @@ _CURVES: dict[str, ec.EllipticCurve] = {"secp256r1": ec.SECP256R1(), "secp384r1"
 # PKCS#11 §5.1.5).
 _LIBRARIES: dict[str, Any] = {}
 _SESSIONS: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+# A cached session is already logged in, so a later caller's PIN is checked against the
+# one that logged in (keyed MAC, never the PIN itself): otherwise any PIN would do.
+_PIN_MACS: dict[tuple[str, str], bytes] = {}
+_PIN_MAC_KEY = secrets.token_bytes(32)
 _LIBRARY_LOCK = threading.Lock()
 
 
@@ -212,10 +219,21 @@ class Pkcs11Signer:
         return cls(opened, private, _public_key_of(public), ref)
 
 
+def _pin_mac(pin: str) -> bytes:
+    return hmac.new(_PIN_MAC_KEY, pin.encode(), hashlib.sha256).digest()
+
+
 def _open_session(module: str, token_label: str, pin: str) -> tuple[Any, threading.Lock]:
     with _LIBRARY_LOCK:
         cached = _SESSIONS.get((module, token_label))
+        logged_in_with = _PIN_MACS.get((module, token_label))
     if cached is not None:
+        if logged_in_with is None or not hmac.compare_digest(logged_in_with, _pin_mac(pin)):
+            raise KeyUnavailable(
+                f"cannot log in to token {token_label!r}: the PIN differs from the one this "
+                "process logged in with",
+                hint="check the PIN",
+            )
         return cached
     lib = _library(module)
     try:
@@ -232,6 +250,7 @@ def _open_session(module: str, token_label: str, pin: str) -> tuple[Any, threadi
             f"cannot log in to token {token_label!r}: {exc!r}", hint="check the PIN"
         ) from exc
     with _LIBRARY_LOCK:
+        _PIN_MACS.setdefault((module, token_label), _pin_mac(pin))
         return _SESSIONS.setdefault((module, token_label), (session, threading.Lock()))
 
 

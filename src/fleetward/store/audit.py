@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Dialect, String, insert, select, type_coerce, update
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
 
 from fleetward.store.schema import audit_events, audit_head
 
@@ -14,7 +17,7 @@ from fleetward.store.schema import audit_events, audit_head
 @dataclass(frozen=True, slots=True)
 class AuditRow:
     seq: int
-    at: dt.datetime
+    at: dt.datetime | None  # None: the stored value is not a timestamp (someone wrote junk)
     actor: str
     action: str
     target: str
@@ -53,11 +56,39 @@ def write_head(conn: Connection, head: HeadRow, *, existed: bool) -> None:
         conn.execute(insert(audit_head).values(id=1, **values))
 
 
+class _StoredAt(TypeDecorator[dt.datetime | None]):
+    """Reads ``at`` without failing on junk.
+
+    SQLite accepts any text in a DATETIME column; decoding it the usual way would raise
+    and turn ``audit verify`` into a server error instead of naming the edited row.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value)
+            except ValueError:
+                return None
+        if not isinstance(value, dt.datetime):
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _columns() -> list[ColumnElement[Any]]:
+    return [
+        type_coerce(c, _StoredAt()).label("at") if c.name == "at" else c
+        for c in audit_events.columns
+    ]
+
+
 def iter_events(conn: Connection, batch: int = 5000) -> Iterator[AuditRow]:
     """Every row in sequence order, fetched in batches (keyset on seq)."""
     last = None
     while True:
-        query = select(audit_events).order_by(audit_events.c.seq).limit(batch)
+        query = select(*_columns()).order_by(audit_events.c.seq).limit(batch)
         if last is not None:
             query = query.where(audit_events.c.seq > last)
         rows = [AuditRow(**r._mapping) for r in conn.execute(query)]
@@ -75,7 +106,7 @@ def query_events(
     limit: int = 100,
     newest_first: bool = False,
 ) -> list[AuditRow]:
-    query = select(audit_events).limit(limit)
+    query = select(*_columns()).limit(limit)
     query = query.order_by(audit_events.c.seq.desc() if newest_first else audit_events.c.seq)
     if after is not None:
         query = query.where(audit_events.c.seq > after)
