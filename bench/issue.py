@@ -55,8 +55,8 @@ from fleetward.clock import SystemClock
 from fleetward.config import CAConfig
 from fleetward.crypto.signer import FileSigner
 from fleetward.model import DeviceType, device_uri
+from fleetward.node import configure_logging
 from fleetward.registry import Registry
-from fleetward.server import configure_logging
 from fleetward.store import Database
 from fleetward.store import devices as device_rows
 from fleetward.store.schema import audit_events, certificates

@@ -17,6 +17,10 @@ from typing import Any
 from fleetward.errors import ConfigurationError
 
 CONFIG_FILE_NAME = "fleetward.toml"
+# Where secrets come from: environment variables naming the secret or its file.
+PIN_ENV = "FLEETWARD_PKCS11_PIN"
+PIN_FILE_ENV = "FLEETWARD_PKCS11_PIN_FILE"
+IMPORT_PASSPHRASE_ENV = "FLEETWARD_IMPORT_KEY_PASSPHRASE"
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,14 +232,28 @@ def test_cli_control_a_good_csr_writes_the_certificate(server: RunningServer,
     assert cert.subject.rfc4514_string() == f"CN={device_id}"
 
 
-@pytest.mark.xfail(strict=True, reason="cli/main.py cert_issue reads --csr with read_text(): a "
-                   "DER (binary) CSR crashes with UnicodeDecodeError and a traceback")
-def test_cli_binary_der_csr_is_refused_with_hint(server: RunningServer, tmp_path: Path) -> None:
+def test_cli_accepts_a_der_csr(server: RunningServer, tmp_path: Path) -> None:
     with server.admin() as admin:
         device_id = _new_device(admin)
     csr_file = tmp_path / "request.der"
     csr_file.write_bytes(x509.load_pem_x509_csr(_csr(device_id).encode())
                          .public_bytes(serialization.Encoding.DER))
+    out = tmp_path / "device.pem"
+    result = server.cli("cert", "issue", "--device", device_id, "--csr", str(csr_file),
+                        "--out", str(out), check=False)
+    assert result.returncode == 0, result.stderr
+    assert x509.load_pem_x509_certificate(out.read_bytes()).subject.rfc4514_string() == (
+        f"CN={device_id}")
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\xff", b"\x30\x03\x02\x01\x00"],
+                         ids=["binary-garbage", "der-but-not-a-csr"])
+def test_cli_binary_non_csr_is_refused_with_hint(server: RunningServer, tmp_path: Path,
+                                                 content: bytes) -> None:
+    with server.admin() as admin:
+        device_id = _new_device(admin)
+    csr_file = tmp_path / "request.der"
+    csr_file.write_bytes(content)
     out = tmp_path / "device.pem"
     result = server.cli("cert", "issue", "--device", device_id, "--csr", str(csr_file),
                         "--out", str(out), check=False)

@@ -225,3 +225,32 @@ def test_retire_reaches_openssl_ocsp_and_the_crl(server: RunningServer, tmp_path
     assert refused.returncode != 0, refused.stdout
     assert "error: device lc-scrapped is retired" in flat(refused.stderr), refused.stderr
     assert not refused_out.exists()
+
+
+# The table allows disabled → active and quarantined → active, but the verbs carry
+# intent: `release` must not re-enable a disabled device and `enable` must not lift a
+# quarantine without the recovery step.
+WRONG_INTENT = [
+    (["active", "disabled"], "release", "quarantined"),
+    (["active", "quarantined"], "enable", "disabled, registered"),
+]
+
+
+@pytest.mark.parametrize(("states", "verb", "applies_to"), WRONG_INTENT,
+                         ids=[f"{s[-1]}:{v}" for s, v, _ in WRONG_INTENT])
+def test_verb_refuses_a_legal_move_it_does_not_mean(
+        server: RunningServer, states: list[str], verb: str, applies_to: str) -> None:
+    device_id = f"lc-intent-{states[-1]}-{verb}"
+    add_device(server, device_id, *states)
+
+    result = server.cli("device", verb, device_id, check=False)
+
+    err = flat(result.stderr)
+    assert result.returncode != 0, result.stdout
+    assert f"is {states[-1]}; this action applies only to devices that are {applies_to}" in err
+    assert "hint:" in err and "Traceback" not in err
+    with server.admin() as admin:
+        assert admin.get(f"/v1/devices/{device_id}").json()["state"] == states[-1]
+    # The intended verb still works from there.
+    intended = "enable" if verb == "release" else "release"
+    assert server.cli("device", intended, device_id, check=False).returncode == 0

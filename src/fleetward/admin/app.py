@@ -150,10 +150,19 @@ async def get_device(request: web.Request, svc: AdminServices, op: Operator) -> 
 
 async def change_state(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     body = await read_json(request)
-    reject_unknown_fields(body, {"state", "reason"})
+    reject_unknown_fields(body, {"state", "reason", "from"})
     target = parse_state(require_str(body, "state"))
+    expected_from = None
+    if "from" in body:
+        sources = body["from"]
+        if not isinstance(sources, list) or not sources or not all(
+                isinstance(s, str) for s in sources):
+            raise InvalidInput("'from' must be a non-empty list of states",
+                               hint='e.g. {"state": "active", "from": ["quarantined"]}')
+        expected_from = frozenset(parse_state(s) for s in sources)
     change = await svc.run(svc.registry.change_state, request.match_info["device_id"], target,
-                           _actor(op), require_str(body, "reason", optional=True))
+                           _actor(op), require_str(body, "reason", optional=True),
+                           expected_from)
     return _json({"device": change.device.to_json(), "previous_state": change.previous.value,
                   "revoked_certificates": [c.serial_hex for c in change.revoked]})
 
@@ -314,7 +323,10 @@ ROUTES: tuple[Route, ...] = (
           {"type": "object", "required": ["state"], "additionalProperties": False,
            "properties": {"state": {"enum": ["registered", "active", "disabled", "quarantined",
                                              "compromised", "retired"]},
-                          "reason": _STR}}),
+                          "reason": _STR,
+                          "from": {"type": "array", "items": _STR,
+                                   "description": "apply only if the device is in one of these"}
+                          }}),
     Route("GET", "/v1/devices/{device_id}/certificates", Role.AUDITOR, list_device_certs,
           "List a device's certificates"),
     Route("POST", "/v1/devices/{device_id}/certificates", Role.OPERATOR, issue_cert,

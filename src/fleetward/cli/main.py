@@ -7,6 +7,7 @@ admin URL, token and CA chain are read from it), otherwise ``--admin-url`` with
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from collections.abc import Iterator
@@ -181,13 +182,15 @@ def device_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
     _print_certs(certs)
 
 
-def _state_command(name: str, target: str, doc: str) -> None:
+def _state_command(name: str, target: str, sources: list[str] | None, doc: str) -> None:
     def command(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: Reason = "",
                 data_dir: DataDir = None, admin_url: AdminUrl = None,
                 ca_file: CaFile = None) -> None:
         with api(data_dir, admin_url, ca_file) as client:
-            result = client.post(f"/v1/devices/{device_id}/state",
-                                 {"state": target, "reason": reason})
+            body: dict[str, Any] = {"state": target, "reason": reason}
+            if sources is not None:
+                body["from"] = sources
+            result = client.post(f"/v1/devices/{device_id}/state", body)
         out.print(f"device [bold]{device_id}[/]: {result['previous_state']} → "
                   f"{result['device']['state']}")
         if result["revoked_certificates"]:
@@ -196,15 +199,17 @@ def _state_command(name: str, target: str, doc: str) -> None:
     device_app.command(name)(command)
 
 
-for _name, _target, _doc in (
-    ("enable", "active", "Activate a registered or disabled device."),
-    ("disable", "disabled", "Disable a device (credentials kept)."),
-    ("quarantine", "quarantined", "Quarantine a device: recovery routes only."),
-    ("release", "active", "Release a quarantined device back to active."),
-    ("compromise", "compromised", "Mark compromised: revokes every certificate."),
-    ("retire", "retired", "Retire for good: revokes every certificate."),
+# Verbs carry the operator's intent: `enable` never lifts a quarantine and `release`
+# never re-enables a disabled device, although both end in `active`.
+for _name, _target, _sources, _doc in (
+    ("enable", "active", ["registered", "disabled"], "Activate a registered or disabled device."),
+    ("disable", "disabled", None, "Disable a device (credentials kept)."),
+    ("quarantine", "quarantined", None, "Quarantine a device: recovery routes only."),
+    ("release", "active", ["quarantined"], "Release a quarantined device back to active."),
+    ("compromise", "compromised", None, "Mark compromised: revokes every certificate."),
+    ("retire", "retired", None, "Retire for good: revokes every certificate."),
 ):
-    _state_command(_name, _target, _doc)
+    _state_command(_name, _target, _sources, _doc)
 
 
 # --- certificates ---------------------------------------------------------------------
@@ -216,19 +221,36 @@ def _print_certs(certs: list[dict[str, Any]]) -> None:
             for c in certs])
 
 
+def _csr_as_pem(data: bytes) -> str:
+    """PEM text for a CSR file in PEM or DER (`openssl req -outform DER`); the server parses it."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            return data.decode("ascii")
+        except UnicodeDecodeError:
+            fail(InvalidInput("the CSR file is not ASCII PEM",
+                              hint="re-export it with openssl req"))
+    # DER: a PKCS#10 request is an ASN.1 SEQUENCE (tag 0x30, X.690 §8.9).
+    if not data.startswith(b"\x30"):
+        fail(InvalidInput("the CSR file is neither PEM nor DER",
+                          hint="make one with: openssl req -new -key KEY -out req.csr"))
+    body = base64.encodebytes(data).decode("ascii")
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
 @cert_app.command("issue")
 def cert_issue(device: Annotated[str, typer.Option("--device", help="device id")],
-               csr: Annotated[Path, typer.Option("--csr", help="PKCS#10 CSR (PEM)",
+               csr: Annotated[Path, typer.Option("--csr", help="PKCS#10 CSR (PEM or DER)",
                                                  exists=True, dir_okay=False)],
                out_file: Annotated[Path, typer.Option("--out", help="where to write the PEM")],
                profile: str = "device",
                chain: Annotated[bool, typer.Option(help="append the CA chain to --out")] = False,
                data_dir: DataDir = None, admin_url: AdminUrl = None,
                ca_file: CaFile = None) -> None:
-    """Issue a certificate for a registered device from its CSR."""
+    """Issue a certificate for a registered device from its CSR (PEM or DER)."""
+    csr_pem = _csr_as_pem(csr.read_bytes())
     with api(data_dir, admin_url, ca_file) as client:
         record = client.post(f"/v1/devices/{device}/certificates",
-                             {"csr": csr.read_text(), "profile": profile})
+                             {"csr": csr_pem, "profile": profile})
     out_file.write_text(record["pem"] + (record["chain_pem"] if chain else ""))
     out.print(f"issued serial [bold]{record['serial']}[/] to {device}, valid until "
               f"{record['not_after']} → {out_file}")

@@ -60,10 +60,14 @@ class _TokenECKey(ec.EllipticCurvePrivateKey):
     def __init__(self, signer: Pkcs11Signer) -> None:
         self._signer = signer
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(
+        self,
+        data: bytes | bytearray | memoryview,
+        signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
+    ) -> bytes:
         algorithm = signature_algorithm.algorithm
         if isinstance(algorithm, utils.Prehashed):
-            digest = data
+            digest = bytes(data)
         else:
             hasher = hashes.Hash(algorithm)
             hasher.update(data)

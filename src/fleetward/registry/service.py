@@ -17,10 +17,17 @@ from fleetward.audit import AuditLog
 from fleetward.ca import Authority, IssueRequest, get_profile, parse_csr, profiles_from_config
 from fleetward.ca.reasons import parse_reason
 from fleetward.clock import Clock
-from fleetward.errors import FleetwardError, InvalidInput, NotFound, PolicyViolation
+from fleetward.errors import (
+    FleetwardError,
+    IllegalTransition,
+    InvalidInput,
+    NotFound,
+    PolicyViolation,
+)
 from fleetward.model import (
     ISSUABLE_STATES,
     REVOKING_STATES,
+    TRANSITIONS,
     AuditEvent,
     CertificateRecord,
     Device,
@@ -150,9 +157,17 @@ class Registry:
             )
 
     def change_state(
-        self, device_id: str, target: LifecycleState, actor: str, reason: str = ""
+        self,
+        device_id: str,
+        target: LifecycleState,
+        actor: str,
+        reason: str = "",
+        expected_from: frozenset[LifecycleState] | None = None,
     ) -> StateChange:
         """Move a device to ``target`` if the transitions table allows it.
+
+        ``expected_from`` narrows the move to an operator's intent: "release" means
+        quarantined → active, not disabled → active, although the table allows both.
 
         Entering ``compromised`` or ``retired`` revokes every unrevoked certificate of the
         device (keyCompromise / cessationOfOperation) and re-signs the CRL once.
@@ -164,6 +179,15 @@ class Registry:
         with self.db.transaction() as conn:
             device = _require_device(conn, device_id, for_update=True)
             check_transition(device.state, target)
+            if expected_from is not None and device.state not in expected_from:
+                names = ", ".join(sorted(s.value for s in expected_from))
+                raise IllegalTransition(
+                    f"device {device_id} is {device.state.value}; this action applies only "
+                    f"to devices that are {names}",
+                    hint=f"from {device.state.value} a device may move to: "
+                    + (", ".join(sorted(s.value for s in TRANSITIONS[device.state])) or "nothing"),
+                    allowed=sorted(s.value for s in TRANSITIONS[device.state]),
+                )
             now = self.clock.now()
             device_rows.update_state(conn, device_id, target, now)
             self.audit.append(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, String, insert, select, type_coerce, update
+from sqlalchemy import Connection, Dialect, String, bindparam, insert, select, type_coerce, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
@@ -45,15 +45,24 @@ def lock_head(conn: Connection) -> HeadRow | None:
 
 
 def insert_event(conn: Connection, row: AuditRow) -> None:
-    conn.execute(insert(audit_events).values(**{k: getattr(row, k) for k in AuditRow.__slots__}))
+    # Parameters, not .values(): one cached statement for every append.
+    conn.execute(insert(audit_events), {k: getattr(row, k) for k in AuditRow.__slots__})
+
+
+_UPDATE_HEAD = (
+    update(audit_head)
+    .where(audit_head.c.id == bindparam("head_id"))
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"), mac=bindparam("new_mac"))
+)
 
 
 def write_head(conn: Connection, head: HeadRow, *, existed: bool) -> None:
-    values = {"seq": head.seq, "hash": head.hash, "mac": head.mac}
     if existed:
-        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(**values))
+        conn.execute(_UPDATE_HEAD, {"head_id": 1, "new_seq": head.seq, "new_hash": head.hash,
+                                    "new_mac": head.mac})
     else:
-        conn.execute(insert(audit_head).values(id=1, **values))
+        conn.execute(insert(audit_head), {"id": 1, "seq": head.seq, "hash": head.hash,
+                                          "mac": head.mac})
 
 
 class _StoredAt(TypeDecorator[dt.datetime | None]):

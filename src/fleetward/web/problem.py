@@ -60,7 +60,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}", hint="send a JSON object") from None
+        raise InvalidInput(f"the body is not valid JSON: {exc}",
+                           hint="send a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object", hint='e.g. {"id": "dev-1"}')
     return body

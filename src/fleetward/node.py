@@ -1,0 +1,385 @@
+"""Building a running Fleetward from a data directory: ``initialise`` and ``Node``.
+
+With ``server.py`` (its only importer) this is the composition root: the one place that
+builds concrete stores and signers and wires the services together. It lives apart from
+``server.py`` so that CLI commands that only talk to the admin API do not pay for
+importing aiohttp, SQLAlchemy and Alembic.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import make_url
+
+from fleetward.admin.app import AdminServices, build_admin_app
+from fleetward.admin.auth import OperatorTokens
+from fleetward.audit import AuditLog
+from fleetward.ca import Authority, IssueRequest, profiles_from_config
+from fleetward.ca.setup import (
+    ISSUING_NAME,
+    ROOT_NAME,
+    create_hierarchy,
+    import_hierarchy,
+    load_handles,
+)
+from fleetward.clock import Clock, SystemClock
+from fleetward.config import (
+    IMPORT_PASSPHRASE_ENV,
+    PIN_ENV,
+    PIN_FILE_ENV,
+    DataDirLayout,
+    ListenerConfig,
+    Settings,
+    load_settings,
+    render_settings,
+)
+from fleetward.crypto.pkcs11 import Pkcs11Signer
+from fleetward.crypto.signer import (
+    PASSPHRASE_ENV,
+    PASSPHRASE_FILE_ENV,
+    FileSigner,
+    Signer,
+    generate_private_key,
+    load_signer,
+    read_passphrase,
+    write_encrypted_key,
+    write_private_file,
+)
+from fleetward.crypto.x509util import load_certificate
+from fleetward.edge.device import build_device_app
+from fleetward.edge.public import PublicEndpoints, build_public_app
+from fleetward.errors import ConfigurationError, FleetwardError, KeyUnavailable
+from fleetward.model import DeviceType, Role
+from fleetward.registry import Registry
+from fleetward.store import Database
+from fleetward.store import cas as ca_rows
+from fleetward.store import devices as device_rows
+from fleetward.web.tls import server_context
+
+log = structlog.get_logger("fleetward.server")
+
+DEFAULT_DEVICE_TYPE = "default"
+CRL_CHECK_INTERVAL_SECONDS = 60
+_ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
+
+
+def configure_logging(level: str = "info") -> None:
+    """JSON logs on stderr; the audit module strips secret-looking keys before logging."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+# --- secrets --------------------------------------------------------------------------
+
+
+def _pin(settings: Settings) -> str | None:
+    if os.environ.get(PIN_ENV):
+        return os.environ[PIN_ENV]
+    path = os.environ.get(PIN_FILE_ENV) or settings.ca.pkcs11_pin_file
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the PKCS#11 PIN file {path}: {exc}") from exc
+    return None
+
+
+def _passphrase(layout: DataDirLayout) -> bytes:
+    return read_passphrase(os.environ, layout.passphrase_file)
+
+
+def _audit_key(layout: DataDirLayout) -> bytes:
+    try:
+        key = layout.audit_key_file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigurationError(f"audit key {layout.audit_key_file} is missing",
+                                 hint="restore it from backup; without it the audit log "
+                                      "cannot be extended or verified") from None
+    return bytes.fromhex(key.decode().strip())
+
+
+# --- init -----------------------------------------------------------------------------
+
+
+def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
+               listeners: ListenerConfig, key_backend: str = "file",
+               pkcs11_module: str = "", pkcs11_token_label: str = "",
+               pkcs11_pin_file: str = "", import_ca_cert: Path | None = None,
+               import_ca_key: Path | None = None, import_root_cert: Path | None = None,
+               database_url: str = "", clock: Clock | None = None) -> bool:
+    """Create a data directory; return False if it was already initialised.
+
+    Raises:
+        ConfigurationError: bad flags, unreadable import files, token problems.
+    """
+    clock = clock or SystemClock()
+    layout = DataDirLayout(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    if layout.config_file.exists():
+        settings = load_settings(data_dir)
+        db = Database(settings.database_url)
+        try:
+            db.migrate()  # a newer Fleetward may bring new migrations
+            with db.read() as conn:
+                if ca_rows.get_ca(conn, ISSUING_NAME) is not None:
+                    return False
+        finally:
+            db.dispose()
+    for folder in (layout.keys, layout.secrets, layout.certs):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+    ca = replace(Settings(data_dir).ca, key_backend=key_backend, pkcs11_module=pkcs11_module,
+                 pkcs11_token_label=pkcs11_token_label, pkcs11_pin_file=pkcs11_pin_file)
+    settings = Settings(data_dir=data_dir, listeners=listeners, ca=ca)
+    if database_url and make_url(database_url).password is None:
+        # A URL with a password stays in FLEETWARD_DATABASE_URL, never in the config file.
+        settings = replace(settings, database=replace(settings.database, url=database_url))
+    external_passphrase = os.environ.get(PASSPHRASE_ENV) or os.environ.get(PASSPHRASE_FILE_ENV)
+    if not external_passphrase and not layout.passphrase_file.exists():
+        write_private_file(layout.passphrase_file, secrets.token_urlsafe(32).encode())
+    if not layout.audit_key_file.exists():
+        write_private_file(layout.audit_key_file, secrets.token_hex(32).encode())
+    passphrase = _passphrase(layout)
+    audit = AuditLog(_audit_key(layout), clock)
+    now = clock.now()
+
+    db = Database(database_url or settings.database_url)
+    try:
+        db.migrate()
+        with db.transaction() as conn:
+            if import_ca_cert or import_ca_key:
+                if not (import_ca_cert and import_ca_key and import_root_cert):
+                    raise ConfigurationError(
+                        "importing a CA needs --import-ca-cert, --import-ca-key and "
+                        "--import-root-cert", hint="pass all three")
+                root, issuing = _import(layout, import_ca_cert, import_ca_key, import_root_cert,
+                                        passphrase, audit, conn, now)
+            else:
+                root_signer, issuing_signer = _new_ca_signers(layout, settings, passphrase)
+                root, issuing = create_hierarchy(
+                    conn, root_signer=root_signer, issuing_signer=issuing_signer,
+                    organization=organization, root_validity_days=ca.root_validity_days,
+                    issuing_validity_days=ca.issuing_validity_days,
+                    public_url=listeners.public_url, now=now, audit=audit)
+            authority = Authority({root.name: root, issuing.name: issuing}, ISSUING_NAME, ca,
+                                  listeners.public_url, clock, audit)
+            authority.refresh_crl(conn, ROOT_NAME)
+            authority.refresh_crl(conn, ISSUING_NAME)
+            server_key = generate_private_key()
+            names = tuple(dict.fromkeys(["localhost", "127.0.0.1", "::1", *hostnames]))
+            record = authority.issue(conn, IssueRequest(
+                public_key=server_key.public_key(),
+                profile=profiles_from_config(ca)["server"], server_names=names), "system")
+            if device_rows.get_type(conn, DEFAULT_DEVICE_TYPE) is None:
+                device_rows.insert_type(conn, DeviceType(
+                    DEFAULT_DEVICE_TYPE, "Devices registered without a specific type"), now)
+        write_encrypted_key(layout.server_key_file, server_key, passphrase)
+        chain = authority.chain_pem()
+        layout.server_cert_file.write_text(record.pem + issuing.pem)
+        layout.chain_file.write_text(chain)
+        (layout.certs / "root-ca.pem").write_text(root.pem)
+        (layout.certs / "issuing-ca.pem").write_text(issuing.pem)
+        tokens = OperatorTokens(db, audit, clock)
+        token = tokens.create("initial-admin", Role.ADMIN, "system")
+        write_private_file(layout.admin_token_file, token.encode())
+        admin_host = "localhost" if listeners.host in (*_ANY_ADDRESS, "127.0.0.1") \
+            else listeners.host
+        layout.admin_url_file.write_text(f"https://{admin_host}:{listeners.admin_port}\n")
+        layout.config_file.write_text(render_settings(settings))
+        os.chmod(layout.config_file, 0o600)
+    finally:
+        db.dispose()
+    return True
+
+
+def _new_ca_signers(layout: DataDirLayout, settings: Settings,
+                    passphrase: bytes) -> tuple[Signer, Signer]:
+    ca = settings.ca
+    if ca.key_backend == "file":
+        return (FileSigner.create(layout.ca_key_file(ROOT_NAME), passphrase),
+                FileSigner.create(layout.ca_key_file(ISSUING_NAME), passphrase))
+    if ca.key_backend == "pkcs11":
+        pin = _pin(settings)
+        if not (ca.pkcs11_module and ca.pkcs11_token_label and pin):
+            raise ConfigurationError(
+                "the pkcs11 backend needs --pkcs11-module, --pkcs11-token-label and a PIN",
+                hint=f"give --pkcs11-pin-file or set {PIN_ENV}")
+        return tuple(  # type: ignore[return-value]
+            Pkcs11Signer.generate(module=ca.pkcs11_module, token_label=ca.pkcs11_token_label,
+                                  key_label=f"fleetward-{name}-ca", pin=pin)
+            for name in (ROOT_NAME, ISSUING_NAME))
+    raise ConfigurationError(f"unknown key backend {ca.key_backend!r}",
+                             hint="use --ca-key-backend file or pkcs11")
+
+
+def _import(layout: DataDirLayout, cert_path: Path, key_path: Path, root_path: Path,
+            passphrase: bytes, audit: AuditLog, conn: Any, now: Any) -> Any:
+    try:
+        issuing_cert = load_certificate(cert_path.read_bytes())
+        root_cert = load_certificate(root_path.read_bytes())
+        key_data = key_path.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read the CA to import: {exc}",
+                                 hint="pass PEM or DER certificate files and a PEM key") from exc
+    import_pass = os.environ.get(IMPORT_PASSPHRASE_ENV)
+    try:
+        key = serialization.load_pem_private_key(
+            key_data, password=import_pass.encode() if import_pass else None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"cannot load the CA key to import: {exc}",
+                                 hint=f"set {IMPORT_PASSPHRASE_ENV} if the key is encrypted"
+                                 ) from exc
+    target = layout.ca_key_file(ISSUING_NAME)
+    write_encrypted_key(target, key, passphrase)  # type: ignore[arg-type]
+    signer = FileSigner.load(target, passphrase)
+    return import_hierarchy(conn, issuing_cert=issuing_cert, issuing_signer=signer,
+                            root_cert=root_cert, now=now, audit=audit)
+
+
+# --- serve ----------------------------------------------------------------------------
+
+
+class Node:
+    """Everything a running server holds, built from a data directory."""
+
+    def __init__(self, data_dir: Path, listeners: ListenerConfig | None = None,
+                 clock: Clock | None = None) -> None:
+        self.layout = DataDirLayout(data_dir)
+        if not self.layout.config_file.exists():
+            raise ConfigurationError(f"{data_dir} is not a Fleetward data directory",
+                                     hint=f"run: fleetward init --data-dir {data_dir}")
+        settings = load_settings(data_dir)
+        if listeners is not None:
+            settings = replace(settings, listeners=listeners)
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.passphrase = _passphrase(self.layout)
+        self.audit = AuditLog(_audit_key(self.layout), self.clock)
+        self.db = Database(settings.database_url)
+        self.db.migrate()
+        pin = _pin(settings)
+
+        def open_signer(key_ref: Any) -> Signer | None:
+            try:
+                return load_signer(key_ref, self.passphrase, pin)
+            except KeyUnavailable as exc:
+                log.warning("CA key not available; continuing without it", reason=exc.message)
+                return None
+        with self.db.read() as conn:
+            handles = load_handles(conn, open_signer)
+        self.authority = Authority(handles, ISSUING_NAME, settings.ca,
+                                   settings.listeners.public_url, self.clock, self.audit)
+        self.registry = Registry(self.db, self.authority, self.audit, self.clock)
+        self.tokens = OperatorTokens(self.db, self.audit, self.clock)
+        # One writer thread: SQL writes are serialised in-process and never block the loop.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetward-db")
+
+    def refresh_crls(self) -> list[str]:
+        with self.db.transaction() as conn:
+            return self.authority.refresh_due_crls(conn)
+
+    def admin_app(self) -> web.Application:
+        return build_admin_app(AdminServices(
+            db=self.db, registry=self.registry, tokens=self.tokens, authority=self.authority,
+            audit=self.audit, clock=self.clock, executor=self.executor))
+
+    def public_app(self) -> web.Application:
+        return build_public_app(PublicEndpoints(self.db, self.authority, self.executor))
+
+    def tls_context(self) -> Any:
+        return server_context(self.layout.server_cert_file, self.layout.server_key_file,
+                              self.passphrase, client_ca_file=self.layout.chain_file)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listeners = self.settings.listeners
+        runners: list[web.AppRunner] = []
+        tls = self.tls_context()
+        sites = [
+            (self.public_app(), listeners.public_port, None, "public"),
+            (self.admin_app(), listeners.admin_port, tls, "admin"),
+            (build_device_app(), listeners.device_port, tls, "device"),
+        ]
+        try:
+            for app, port, ssl_ctx, name in sites:
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                runners.append(runner)
+                await web.TCPSite(runner, listeners.host, port, ssl_context=ssl_ctx).start()
+                log.info("listening", listener=name, host=listeners.host, port=port,
+                         tls=ssl_ctx is not None)
+            # CLI commands on this host find the admin API through this file.
+            admin_host = listeners.host if listeners.host not in _ANY_ADDRESS else "localhost"
+            if admin_host == "127.0.0.1":
+                admin_host = "localhost"
+            self.layout.admin_url_file.write_text(
+                f"https://{admin_host}:{listeners.admin_port}\n")
+            log.info("MQTT listener arrives with the secure-channel issue; port reserved",
+                     mqtt_port=listeners.mqtt_port)
+            refresher = asyncio.create_task(self._crl_loop(stop))
+            await stop.wait()
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            self.executor.shutdown(wait=True)
+            self.db.dispose()
+
+    async def _crl_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                refreshed = await loop.run_in_executor(self.executor, self.refresh_crls)
+                if refreshed:
+                    log.info("crls refreshed", cas=refreshed)
+            except FleetwardError as exc:
+                log.error("crl refresh failed", error=exc.message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CRL_CHECK_INTERVAL_SECONDS)
+
+
+def serve(data_dir: Path, listeners: ListenerConfig | None) -> None:
+    node = Node(data_dir, listeners)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await node.run(stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
