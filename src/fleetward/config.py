@@ -56,6 +56,8 @@ class CAConfig:
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     url: str = ""  # empty = SQLite file in the data dir
+    # True when the URL carries a password: it then lives only in FLEETWARD_DATABASE_URL.
+    url_from_env: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,19 @@ class Settings:
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{self.data_dir / 'fleetward.db'}"
+        """The database to use.
+
+        Raises:
+            ConfigurationError: the URL is meant to come from the environment and does not.
+        """
+        if self.database.url:
+            return self.database.url
+        if self.database.url_from_env:
+            raise ConfigurationError(
+                "this installation keeps its database URL in the environment, and it is not set",
+                hint="set FLEETWARD_DATABASE_URL=postgresql://user:password@host/db",
+            )
+        return f"sqlite:///{self.data_dir / 'fleetward.db'}"
 
 
 _SECTIONS: dict[str, type[Any]] = {

@@ -115,11 +115,3 @@ class StorageError(FleetwardError):
     status = 503
     problem_type = "storage-unavailable"
     default_hint = "The database is unreachable or failed; retry later and check its logs."
-
-
-class AuditChainBroken(FleetwardError):
-    """The audit log does not verify; carries the first bad row."""
-
-    status = 500
-    problem_type = "audit-chain-broken"
-    default_hint = "Restore the audit table from backup and investigate who wrote to it."

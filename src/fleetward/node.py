@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -63,7 +65,7 @@ from fleetward.crypto.signer import (
 from fleetward.crypto.x509util import load_certificate
 from fleetward.edge.device import build_device_app
 from fleetward.edge.public import PublicEndpoints, build_public_app
-from fleetward.errors import ConfigurationError, FleetwardError, KeyUnavailable
+from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
 from fleetward.model import DeviceType, Role
 from fleetward.registry import Registry
 from fleetward.store import Database
@@ -122,7 +124,19 @@ def _audit_key(layout: DataDirLayout) -> bytes:
         raise ConfigurationError(f"audit key {layout.audit_key_file} is missing",
                                  hint="restore it from backup; without it the audit log "
                                       "cannot be extended or verified") from None
-    return bytes.fromhex(key.decode().strip())
+    try:
+        return bytes.fromhex(key.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ConfigurationError(f"audit key {layout.audit_key_file} is not hex text",
+                                 hint="restore the file from backup") from None
+
+
+def write_admin_url(layout: DataDirLayout, listeners: ListenerConfig) -> None:
+    """Where CLI commands on this host find the admin API. Loopback and wildcard binds are
+    named ``localhost``, the name the server certificate always carries."""
+    local = (*_ANY_ADDRESS, "127.0.0.1")
+    host = "localhost" if listeners.host in local else listeners.host
+    layout.admin_url_file.write_text(f"https://{host}:{listeners.admin_port}\n")
 
 
 # --- init -----------------------------------------------------------------------------
@@ -159,9 +173,13 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
     ca = replace(Settings(data_dir).ca, key_backend=key_backend, pkcs11_module=pkcs11_module,
                  pkcs11_token_label=pkcs11_token_label, pkcs11_pin_file=pkcs11_pin_file)
     settings = Settings(data_dir=data_dir, listeners=listeners, ca=ca)
-    if database_url and make_url(database_url).password is None:
+    if database_url:
         # A URL with a password stays in FLEETWARD_DATABASE_URL, never in the config file.
-        settings = replace(settings, database=replace(settings.database, url=database_url))
+        with_password = make_url(database_url).password is not None
+        settings = replace(settings, database=replace(
+            settings.database, url="" if with_password else database_url,
+            url_from_env=with_password))
+    _validate_names(organization, hostnames)
     external_passphrase = os.environ.get(PASSPHRASE_ENV) or os.environ.get(PASSPHRASE_FILE_ENV)
     if not external_passphrase and not layout.passphrase_file.exists():
         write_private_file(layout.passphrase_file, secrets.token_urlsafe(32).encode())
@@ -210,14 +228,34 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
         tokens = OperatorTokens(db, audit, clock)
         token = tokens.create("initial-admin", Role.ADMIN, "system")
         write_private_file(layout.admin_token_file, token.encode())
-        admin_host = "localhost" if listeners.host in (*_ANY_ADDRESS, "127.0.0.1") \
-            else listeners.host
-        layout.admin_url_file.write_text(f"https://{admin_host}:{listeners.admin_port}\n")
+        write_admin_url(layout, listeners)
         layout.config_file.write_text(render_settings(settings))
         os.chmod(layout.config_file, 0o600)
     finally:
         db.dispose()
     return True
+
+
+# "<org> Issuing CA" must fit a 64-character CN (RFC 5280 Appendix A, ub-common-name).
+MAX_ORGANIZATION_CHARS = 53
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _validate_names(organization: str, hostnames: list[str]) -> None:
+    """Refuse names that would only fail later, half-way through creating the CA."""
+    if not organization or len(organization) > MAX_ORGANIZATION_CHARS:
+        raise InvalidInput(f"--organization must be 1-{MAX_ORGANIZATION_CHARS} characters",
+                           hint="it becomes part of the CA names, which X.509 limits to 64")
+    for name in hostnames:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            if not _DNS_NAME.fullmatch(name):
+                raise InvalidInput(
+                    f"--hostname {name!r} is neither an IP address nor a DNS name",
+                    hint="use an ASCII host name (IDNA-encode international names) or an IP",
+                ) from None
 
 
 def _new_ca_signers(layout: DataDirLayout, settings: Settings,
@@ -301,6 +339,8 @@ class Node:
         self.tokens = OperatorTokens(self.db, self.audit, self.clock)
         # One writer thread: SQL writes are serialised in-process and never block the loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetward-db")
+        self.public_executor = ThreadPoolExecutor(max_workers=2,
+                                                  thread_name_prefix="fleetward-public")
 
     def refresh_crls(self) -> list[str]:
         with self.db.transaction() as conn:
@@ -312,20 +352,25 @@ class Node:
             audit=self.audit, clock=self.clock, executor=self.executor))
 
     def public_app(self) -> web.Application:
-        return build_public_app(PublicEndpoints(self.db, self.authority, self.executor))
+        # Its own threads: OCSP signing and CRL reads must not queue behind admin writes
+        # (and a flood of OCSP requests must not stall the admin API).
+        return build_public_app(PublicEndpoints(self.db, self.authority, self.public_executor))
 
-    def tls_context(self) -> Any:
+    def tls_context(self, *, device_clients: bool) -> Any:
+        """Server TLS; only the device listener asks for (optional) client certificates."""
         return server_context(self.layout.server_cert_file, self.layout.server_key_file,
-                              self.passphrase, client_ca_file=self.layout.chain_file)
+                              self.passphrase,
+                              client_ca_file=self.layout.chain_file if device_clients else None)
 
     async def run(self, stop: asyncio.Event) -> None:
         listeners = self.settings.listeners
         runners: list[web.AppRunner] = []
-        tls = self.tls_context()
         sites = [
             (self.public_app(), listeners.public_port, None, "public"),
-            (self.admin_app(), listeners.admin_port, tls, "admin"),
-            (build_device_app(), listeners.device_port, tls, "device"),
+            (self.admin_app(), listeners.admin_port, self.tls_context(device_clients=False),
+             "admin"),
+            (build_device_app(), listeners.device_port, self.tls_context(device_clients=True),
+             "device"),
         ]
         try:
             for app, port, ssl_ctx, name in sites:
@@ -336,11 +381,7 @@ class Node:
                 log.info("listening", listener=name, host=listeners.host, port=port,
                          tls=ssl_ctx is not None)
             # CLI commands on this host find the admin API through this file.
-            admin_host = listeners.host if listeners.host not in _ANY_ADDRESS else "localhost"
-            if admin_host == "127.0.0.1":
-                admin_host = "localhost"
-            self.layout.admin_url_file.write_text(
-                f"https://{admin_host}:{listeners.admin_port}\n")
+            write_admin_url(self.layout, listeners)
             log.info("MQTT listener arrives with the secure-channel issue; port reserved",
                      mqtt_port=listeners.mqtt_port)
             refresher = asyncio.create_task(self._crl_loop(stop))
@@ -352,6 +393,7 @@ class Node:
             for runner in runners:
                 await runner.cleanup()
             self.executor.shutdown(wait=True)
+            self.public_executor.shutdown(wait=True)
             self.db.dispose()
 
     async def _crl_loop(self, stop: asyncio.Event) -> None:
@@ -363,6 +405,9 @@ class Node:
                     log.info("crls refreshed", cas=refreshed)
             except FleetwardError as exc:
                 log.error("crl refresh failed", error=exc.message)
+            except Exception:
+                # The loop must outlive any one failure: a dead refresher lets CRLs expire.
+                log.exception("crl refresh failed unexpectedly")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), CRL_CHECK_INTERVAL_SECONDS)
 

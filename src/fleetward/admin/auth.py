@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from fleetward.audit import AuditLog
 from fleetward.clock import Clock
-from fleetward.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
+from fleetward.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from fleetward.model import AuditEvent, Operator, Role, role_allows
 from fleetward.store import Database
 from fleetward.store import operators as token_rows
@@ -22,6 +23,8 @@ from fleetward.store.operators import TokenRow
 
 TOKEN_PREFIX = "fwa_"
 SECRET_BYTES = 32  # 256 bits
+# fwa_ + 16 hex id + "." + 43 base64url characters (secrets.token_urlsafe(32)).
+TOKEN_PATTERN = re.compile(r"fwa_[0-9a-f]{16}\.[A-Za-z0-9_-]{43}")
 
 
 def _hash(secret: str) -> str:
@@ -49,7 +52,19 @@ class OperatorTokens:
         return f"{TOKEN_PREFIX}{token_id}.{secret}"
 
     def revoke(self, token_id: str, actor: str) -> None:
+        """Revoke an operator token; the last active admin token cannot be revoked.
+
+        Raises:
+            NotFound: no active token with that id.
+            Conflict: it is the last active admin token (nobody could create another).
+        """
         with self.db.transaction() as conn:
+            tokens = token_rows.list_tokens(conn)
+            target = next((t for t in tokens if t.token_id == token_id), None)
+            active_admins = [t for t in tokens if t.role is Role.ADMIN and t.revoked_at is None]
+            if target is not None and active_admins == [target]:
+                raise Conflict("this is the last active admin token",
+                               hint="create another admin token first, then revoke this one")
             if not token_rows.revoke_token(conn, token_id, self.clock.now()):
                 raise NotFound(f"no active operator token {token_id!r}")
             self.audit.append(conn, AuditEvent(
@@ -81,7 +96,9 @@ class OperatorTokens:
         if scheme.lower() != "bearer" or not token:
             return "not a Bearer token"
         token = token.strip()
-        if not token.startswith(TOKEN_PREFIX) or "." not in token:
+        # Shape first: nothing that is not exactly a token we could have issued reaches the
+        # database or the hash (non-ASCII bytes would fail there with a 500 instead).
+        if not TOKEN_PATTERN.fullmatch(token):
             return "malformed token"
         token_id, _, secret = token.removeprefix(TOKEN_PREFIX).partition(".")
         with self.db.read() as conn:

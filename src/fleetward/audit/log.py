@@ -27,6 +27,13 @@ from fleetward.store import audit as rows
 from fleetward.store.audit import AuditRow, HeadRow
 
 GENESIS_HASH = "0" * 64
+MAX_ACTOR_CHARS = 200  # audit_events.actor is String(200)
+MAX_TARGET_CHARS = 300  # audit_events.target is String(300)
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 log = structlog.get_logger("fleetward.audit")
 
 # Keys in event details that must never be stored or logged, whatever the caller passes:
@@ -130,9 +137,11 @@ class AuditLog:
         at = self._clock.now()
         content: dict[str, Any] = {
             "at": at,
-            "actor": event.actor,
+            # Capped to the column widths: these often carry attacker-chosen text (a URL
+            # path, a device id from a request) and an over-long one must not lose the row.
+            "actor": _cap(event.actor, MAX_ACTOR_CHARS),
             "action": event.action,
-            "target": event.target,
+            "target": _cap(event.target, MAX_TARGET_CHARS),
             "outcome": event.outcome,
             "details": canonical_json(details),
         }

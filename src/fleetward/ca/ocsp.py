@@ -46,7 +46,8 @@ class OcspResponder:
             nonce = _nonce(request)
         except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
             return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        if nonce is not None and len(nonce) > MAX_NONCE_BYTES:
+        # RFC 8954 §2.1: a nonce of 1..32 octets; anything else is a malformed request.
+        if nonce is not None and not 1 <= len(nonce) <= MAX_NONCE_BYTES:
             return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         handle = self._find_issuer(request)
         if handle is None or handle.signer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from fleetward.store import certificates as cert_rows
 from fleetward.store import devices as device_rows
 from fleetward.store.cas import CARow
 
+CA_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 ROOT_NAME = "root"
 ISSUING_NAME = "issuing"
 
@@ -310,6 +312,10 @@ def register_oem_ca(
         NotFound: the device type does not exist.
         Conflict: the name or certificate is already registered.
     """
+    if not CA_NAME_PATTERN.fullmatch(name):
+        raise InvalidInput(f"invalid CA name {name!r}",
+                           hint="1-64 characters: lower-case letters, digits, _ and - "
+                           "(it appears in URLs such as /ca/<name>.pem)")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetward.cli.client import AdminClient, resolve_connection
+from fleetward.crypto.x509util import load_certificate, to_pem
 from fleetward.errors import FleetwardError, InvalidInput
 
 app = typer.Typer(help="Fleetward: device identity, CA and lifecycle for IoT fleets.",
@@ -248,10 +250,21 @@ def cert_issue(device: Annotated[str, typer.Option("--device", help="device id")
                ca_file: CaFile = None) -> None:
     """Issue a certificate for a registered device from its CSR (PEM or DER)."""
     csr_pem = _csr_as_pem(csr.read_bytes())
+    target_dir = out_file.resolve().parent
+    if not target_dir.is_dir() or not os.access(target_dir, os.W_OK) or out_file.is_dir():
+        fail(InvalidInput(f"cannot write the certificate to {out_file}",
+                          hint="pass --out with a file path in a writable directory"))
     with api(data_dir, admin_url, ca_file) as client:
         record = client.post(f"/v1/devices/{device}/certificates",
                              {"csr": csr_pem, "profile": profile})
-    out_file.write_text(record["pem"] + (record["chain_pem"] if chain else ""))
+    pem = record["pem"] + (record["chain_pem"] if chain else "")
+    try:
+        out_file.write_text(pem)
+    except OSError as exc:
+        # The certificate exists now; never lose it because the file could not be written.
+        sys.stdout.write(pem)
+        fail(InvalidInput(f"issued serial {record['serial']} but could not write {out_file}: "
+                          f"{exc.strerror}", hint="the certificate was printed above instead"))
     out.print(f"issued serial [bold]{record['serial']}[/] to {device}, valid until "
               f"{record['not_after']} → {out_file}")
 
@@ -314,13 +327,18 @@ def ca_show(as_json: JsonFlag = False, data_dir: DataDir = None, admin_url: Admi
 @ca_app.command("add-oem")
 def ca_add_oem(name: str,
                cert: Annotated[Path, typer.Option("--cert", exists=True, dir_okay=False,
-                                                  help="OEM CA certificate (PEM)")],
+                                                  help="OEM CA certificate (PEM or DER)")],
                device_type: Annotated[str, typer.Option("--device-type")],
                data_dir: DataDir = None, admin_url: AdminUrl = None,
                ca_file: CaFile = None) -> None:
     """Trust a manufacturer CA for enrollment with factory (IDevID) certificates."""
+    try:
+        cert_pem = to_pem(load_certificate(cert.read_bytes()))
+    except ValueError:
+        fail(InvalidInput(f"{cert} is not a PEM or DER certificate",
+                          hint="pass the OEM CA certificate as the manufacturer gave it"))
     with api(data_dir, admin_url, ca_file) as client:
-        row = client.post("/v1/ca/oem", {"name": name, "certificate": cert.read_text(),
+        row = client.post("/v1/ca/oem", {"name": name, "certificate": cert_pem,
                                          "device_type": device_type})
     out.print(f"OEM CA [bold]{row['name']}[/] registered for type {row['device_type']}")
 

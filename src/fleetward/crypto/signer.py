@@ -121,8 +121,20 @@ def write_encrypted_key(
 
 
 def write_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` 0600; never overwrite (a key is never silently replaced).
+
+    Raises:
+        ConfigurationError: the file already exists.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigurationError(
+            f"{path} already exists and will not be overwritten",
+            hint="an earlier init may have stopped half-way: if this data directory holds "
+            "nothing you need, remove it and run init again",
+        ) from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 

@@ -18,6 +18,7 @@ from fleetward.ca import Authority, IssueRequest, get_profile, parse_csr, profil
 from fleetward.ca.reasons import parse_reason
 from fleetward.clock import Clock
 from fleetward.errors import (
+    Conflict,
     FleetwardError,
     IllegalTransition,
     InvalidInput,
@@ -46,6 +47,8 @@ log = structlog.get_logger("fleetward.registry")
 MAX_LABELS = 32
 MAX_LABEL_LENGTH = 128  # characters, for keys and values alike
 MAX_PAGE = 1000  # devices per list call
+# Profiles that belong to Fleetward itself, never to a device.
+INFRASTRUCTURE_PROFILES = frozenset({"ca", "server"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +287,20 @@ class Registry:
         return record
 
     def revoke_certificate(self, serial: int, reason: str, actor: str) -> CertificateRecord:
+        """Revoke a device or gateway certificate.
+
+        Raises:
+            PolicyViolation: the serial is a CA or server certificate; revoking those through
+                the device path would take the whole fleet or the admin API down.
+        """
         with self.db.transaction() as conn:
+            record = cert_rows.get_certificate(conn, serial)
+            if record is not None and record.profile in INFRASTRUCTURE_PROFILES:
+                raise PolicyViolation(
+                    f"certificate {record.serial_hex} is a {record.profile} certificate",
+                    hint="CA and server certificates are replaced by re-keying the CA or "
+                    "re-running init, not revoked through the device API",
+                )
             return self.authority.revoke(conn, serial, reason, actor)
 
     def revoke_device_certificates(
@@ -298,13 +314,18 @@ class Registry:
     def _revoke_all(
         self, conn: Connection, device_id: str, reason: str, actor: str
     ) -> tuple[CertificateRecord, ...]:
-        live = cert_rows.list_certificates(conn, device_id=device_id, revoked=False)
-        revoked = tuple(
-            self.authority.revoke(conn, c.serial, reason, actor, refresh_crl=False) for c in live
-        )
+        live = cert_rows.list_certificates(conn, device_id=device_id, revoked=False, limit=None)
+        revoked = []
+        for cert in live:
+            try:
+                revoked.append(
+                    self.authority.revoke(conn, cert.serial, reason, actor, refresh_crl=False)
+                )
+            except Conflict:
+                continue  # revoked by another node since we listed it: already what we want
         for ca_name in sorted({c.ca_name for c in live}):
             self.authority.refresh_crl(conn, ca_name)
-        return revoked
+        return tuple(revoked)
 
     def _audit_failure(self, action: str, actor: str, target: str, exc: FleetwardError) -> None:
         try:

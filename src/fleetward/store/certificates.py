@@ -40,7 +40,11 @@ def insert_certificate(conn: Connection, record: CertificateRecord) -> None:
                 },
             )
     except IntegrityError as exc:
-        raise DuplicateSerial(format_serial(record.serial)) from exc
+        # Only a serial that is already stored is a collision; anything else (an unknown
+        # CA or device) is a real integrity error and must not be retried as one.
+        if get_certificate(conn, record.serial) is not None:
+            raise DuplicateSerial(format_serial(record.serial)) from exc
+        raise
 
 
 def get_certificate(conn: Connection, serial: int) -> CertificateRecord | None:
@@ -56,8 +60,10 @@ def list_certificates(
     device_id: str | None = None,
     ca_name: str | None = None,
     revoked: bool | None = None,
-    limit: int = 1000,
+    limit: int | None = 1000,
 ) -> list[CertificateRecord]:
+    """Certificates oldest first; ``limit=None`` for all of them (revocation must not stop
+    at a page boundary)."""
     query = select(certificates).order_by(certificates.c.issued_at, certificates.c.serial)
     if device_id is not None:
         query = query.where(certificates.c.device_id == device_id)
@@ -67,7 +73,9 @@ def list_certificates(
         query = query.where(certificates.c.revoked_at.is_not(None))
     elif revoked is False:
         query = query.where(certificates.c.revoked_at.is_(None))
-    return [certificate_from_row(r._mapping) for r in conn.execute(query.limit(limit))]
+    if limit is not None:
+        query = query.limit(limit)
+    return [certificate_from_row(r._mapping) for r in conn.execute(query)]
 
 
 def mark_revoked(conn: Connection, serial: int, at: dt.datetime, reason: str) -> bool:

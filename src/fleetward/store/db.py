@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -15,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from fleetward.errors import StorageError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+log = structlog.get_logger("fleetward.store")
 
 
 class Database:
@@ -40,7 +42,7 @@ class Database:
             with self.engine.begin() as conn:
                 yield conn
         except OperationalError as exc:
-            raise StorageError(f"database error: {exc.orig}") from exc
+            raise _storage_error(exc) from exc
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -49,7 +51,7 @@ class Database:
             with self.engine.connect().execution_options(fleetward_read_only=True) as conn:
                 yield conn
         except OperationalError as exc:
-            raise StorageError(f"database error: {exc.orig}") from exc
+            raise _storage_error(exc) from exc
 
     def migrate(self) -> None:
         """Apply every Alembic migration not yet applied (idempotent)."""
@@ -61,6 +63,12 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _storage_error(exc: OperationalError) -> StorageError:
+    # The driver's text names hosts, ports and paths: it goes to the log, not to callers.
+    log.error("database operation failed", error=str(exc.orig))
+    return StorageError("the database is unavailable or failed")
 
 
 def _create_engine(url: str, *, echo: bool) -> Engine:

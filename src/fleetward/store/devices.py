@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Connection, RowMapping, func, insert, select, update
+from sqlalchemy import Connection, RowMapping, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fleetward.errors import Conflict
@@ -87,11 +87,6 @@ def list_devices(
     if after is not None:
         query = query.where(devices.c.id > after)
     return [device_from_row(r._mapping) for r in conn.execute(query)]
-
-
-def count_devices_by_state(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(select(devices.c.state, func.count()).group_by(devices.c.state))
-    return {state: count for state, count in rows}
 
 
 def update_state(conn: Connection, device_id: str, state: LifecycleState, at: dt.datetime) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -138,7 +139,7 @@ operator_tokens = Table(
 audit_events = Table(
     "audit_events",
     metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("at", UTCDateTime, nullable=False),
     Column("actor", String(200), nullable=False),
     Column("action", String(64), nullable=False),
@@ -157,7 +158,7 @@ audit_head = Table(
     "audit_head",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("seq", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
     Column("mac", String(64), nullable=False),
 )
