@@ -16,7 +16,12 @@ MAX_BODY_BYTES = 256 * 1024  # bytes; device requests are small
 
 
 def peer_certificate(request: web.Request) -> dict[str, Any] | None:
-    """The verified client certificate of this connection, if the device sent one."""
+    """The client certificate of this connection, if the device sent one.
+
+    OpenSSL has verified its chain to our CA, nothing more: revocation and the device's
+    lifecycle state are NOT checked here, so a route that grants anything must check
+    both (the secure-channel issue adds the in-memory revoked/blocked set for that).
+    """
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     if not isinstance(ssl_object, ssl.SSLObject):
         return None
