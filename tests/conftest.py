@@ -59,9 +59,8 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'fleetward.db'}"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh schema in the `test` database, dropped afterwards."""
+def postgres_schema_url() -> Iterator[str]:
+    """Generator: yields the URL of a fresh schema in `test`, drops it when resumed."""
     schema = f"fwtest_{secrets.token_hex(6)}"
     admin = create_engine(PG_BASE_URL.replace("postgresql://", "postgresql+psycopg://"))
     try:
@@ -75,6 +74,12 @@ def postgres_url() -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the `test` database, dropped afterwards."""
+    yield from postgres_schema_url()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, create_engine, delete, insert, select, text, update
+from sqlalchemy import Connection, delete, insert, select, text, update
 
 from fleetward.audit import AuditLog, VerifyReport
 from fleetward.audit.log import GENESIS_HASH, PROBLEM_KINDS
 from fleetward.clock import FrozenClock
 from fleetward.model import AuditEvent
 from fleetward.store.schema import audit_events, audit_head
-from tests.conftest import PG_BASE_URL, Stack, build_stack, need_service
+from tests.conftest import Stack, build_stack, postgres_schema_url
 
 ROWS = 12  # length of the chain every tamper scenario starts from
 POSITIONS = list(range(1, ROWS + 1))
@@ -60,29 +60,13 @@ class Chain:
         return dict(self.pristine_rows[seq - 1])
 
 
-def _postgres_schema_url() -> Iterator[str]:
-    schema = f"fwtest_{secrets.token_hex(6)}"
-    admin = create_engine(PG_BASE_URL.replace("postgresql://", "postgresql+psycopg://"))
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-    except Exception as exc:
-        admin.dispose()
-        need_service(f"PostgreSQL at {PG_BASE_URL}: {exc}")
-    sep = "&" if "?" in PG_BASE_URL else "?"
-    yield f"{PG_BASE_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def chain_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[Chain]:
     """One CA stack per backend for the module (building one per test would be slow)."""
     tmp = tmp_path_factory.mktemp(f"audit-{request.param}")
     urls = (iter([f"sqlite:///{tmp / 'fleetward.db'}"]) if request.param == "sqlite"
-            else _postgres_schema_url())
+            else postgres_schema_url())
     url = next(urls)
     stack = build_stack(url, tmp, FrozenClock(START))
     with stack.db.transaction() as conn:
