@@ -310,7 +310,7 @@ AUTH_FAILURES: list[tuple[str, Callable[[Tokens], str | None], str]] = [
     ("no-header", lambda t: None, "no Authorization header"),
     ("basic-scheme", lambda t: "Basic cmJhYy1hdWRpdG9yOnNlY3JldA==", "not a Bearer token"),
     ("bearer-alone", lambda t: "Bearer", "not a Bearer token"),
-    ("empty-id-and-secret", lambda t: "Bearer fwa_.", "unknown or wrong token"),
+    ("empty-id-and-secret", lambda t: "Bearer fwa_.", "malformed token"),
     ("valid-token-other-scheme", lambda t: f"Token {t.auditor}", "not a Bearer token"),
     ("no-prefix", lambda t: f"Bearer {t.auditor.removeprefix('fwa_')}", "malformed token"),
     ("no-secret-separator", lambda t: f"Bearer {t.auditor.split('.')[0]}", "malformed token"),
@@ -319,7 +319,8 @@ AUTH_FAILURES: list[tuple[str, Callable[[Tokens], str | None], str]] = [
     ("valid-id-wrong-secret", lambda t: f"Bearer {_wrong_secret(t.auditor)}",
      "unknown or wrong token"),
     ("valid-id-empty-secret", lambda t: f"Bearer {t.auditor.split('.')[0]}.",
-     "unknown or wrong token"),
+     "malformed token"),
+    ("valid-id-secret-one-char-short", lambda t: f"Bearer {t.auditor[:-1]}", "malformed token"),
 ]
 
 
