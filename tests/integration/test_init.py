@@ -10,12 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, text
 
+from fleetward.store.db import MIGRATIONS_DIR
 from tests.conftest import FLEETWARD, start_server, stop_server
 
 PRIVATE_FILES = ["secrets/admin-token", "secrets/audit.key", "secrets/ca-passphrase",
@@ -212,4 +214,5 @@ def test_init_and_serve_on_postgresql(tmp_path: Path, postgres_url: str) -> None
         ids = conn.execute(text("SELECT id FROM devices")).scalars().all()
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     engine.dispose()
-    assert ids == ["pg-1"] and revision == "0001"
+    assert ids == ["pg-1"]
+    assert revision == ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()

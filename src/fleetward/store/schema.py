@@ -162,3 +162,21 @@ audit_head = Table(
     Column("hash", String(64), nullable=False),
     Column("mac", String(64), nullable=False),
 )
+
+
+# One-time enrollment credentials (RFC 7030 §3.2.3 HTTP-based client authentication).
+# Bound to one device (max_uses = 1) or to a claim batch of a device type (max_uses = N).
+bootstrap_tokens = Table(
+    "bootstrap_tokens",
+    metadata,
+    Column("token_id", String(32), primary_key=True),
+    Column("secret_sha256", String(64), nullable=False),  # never the token itself
+    Column("device_id", String(128), ForeignKey("devices.id"), nullable=True),
+    Column("device_type", String(64), ForeignKey("device_types.name"), nullable=False),
+    Column("max_uses", Integer, nullable=False),
+    Column("uses", Integer, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Index("ix_bootstrap_tokens_device_id", "device_id"),
+)
