@@ -1,34 +1,17 @@
-"""Operator API tokens and role checks for the admin API.
-
-Tokens look like ``fwa_<id>.<secret>``: the id finds the row, the 256-bit secret is
-compared as SHA-256 in constant time. Only the hash is stored; the token is shown once.
-A fast hash is right here: the secret is 256 random bits, not a password (OWASP
-Password Storage Cheat Sheet, "high-entropy secrets").
-"""
+"""Operator API tokens (``fwa_<id>.<secret>``, see crypto.secret_token) and role checks."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
-import secrets
-
 from fleetward.audit import AuditLog
 from fleetward.clock import Clock
+from fleetward.crypto.secret_token import SecretTokenFormat, secret_matches
 from fleetward.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from fleetward.model import AuditEvent, Operator, Role, role_allows
 from fleetward.store import Database
 from fleetward.store import operators as token_rows
 from fleetward.store.operators import TokenRow
 
-TOKEN_PREFIX = "fwa_"
-SECRET_BYTES = 32  # 256 bits
-# fwa_ + 16 hex id + "." + 43 base64url characters (secrets.token_urlsafe(32)).
-TOKEN_PATTERN = re.compile(r"fwa_[0-9a-f]{16}\.[A-Za-z0-9_-]{43}")
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+ADMIN_TOKEN = SecretTokenFormat("fwa_")
 
 
 class OperatorTokens:
@@ -41,15 +24,15 @@ class OperatorTokens:
         """Create a token and return it; it cannot be retrieved again."""
         if not name or len(name) > 128:
             raise InvalidInput("operator name must be 1-128 characters")
-        token_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(SECRET_BYTES)
+        new = ADMIN_TOKEN.new()
+        token_id = new.token_id
         with self.db.transaction() as conn:
-            token_rows.insert_token(conn, TokenRow(token_id, name, role, _hash(secret),
+            token_rows.insert_token(conn, TokenRow(token_id, name, role, new.secret_sha256,
                                                    self.clock.now(), None))
             self.audit.append(conn, AuditEvent(
                 action="operator.token_created", actor=actor, target=f"operator:{name}",
                 details={"token_id": token_id, "role": role.value}))
-        return f"{TOKEN_PREFIX}{token_id}.{secret}"
+        return new.token
 
     def revoke(self, token_id: str, actor: str) -> None:
         """Revoke an operator token; the last active admin token cannot be revoked.
@@ -98,15 +81,14 @@ class OperatorTokens:
         token = token.strip()
         # Shape first: nothing that is not exactly a token we could have issued reaches the
         # database or the hash (non-ASCII bytes would fail there with a 500 instead).
-        if not TOKEN_PATTERN.fullmatch(token):
+        parts = ADMIN_TOKEN.split(token)
+        if parts is None:
             return "malformed token"
-        token_id, _, secret = token.removeprefix(TOKEN_PREFIX).partition(".")
+        token_id, secret = parts
         with self.db.read() as conn:
             row = token_rows.get_token(conn, token_id)
-        # Hash and compare even for an unknown id so timing does not reveal which ids exist.
-        expected = row.secret_sha256 if row else _hash("\x00unknown")
-        matches = hmac.compare_digest(_hash(secret), expected)
-        if row is None or not matches:
+        # Hash even for an unknown id (secret_matches does) so timing does not reveal ids.
+        if not secret_matches(secret, row.secret_sha256 if row else None) or row is None:
             return "unknown or wrong token"
         if row.revoked_at is not None:
             return "token revoked"

@@ -299,36 +299,29 @@ def set_key_identifiers(request: IssueRequest, ctx: IssuerContext, t: Template) 
     )
 
 
+def revocation_pointers(
+    public_url: str, ca_name: str
+) -> tuple[x509.CRLDistributionPoints, x509.AuthorityInformationAccess]:
+    """CDP and AIA for a certificate issued by ``ca_name`` (RFC 5280 §4.2.1.13, §4.2.2.1)."""
+    base = public_url.rstrip("/")
+    cdp = x509.CRLDistributionPoints([
+        x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(f"{base}/crl/{ca_name}.crl")],
+            relative_name=None, reasons=None, crl_issuer=None,
+        )
+    ])
+    aia = x509.AuthorityInformationAccess([
+        x509.AccessDescription(AuthorityInformationAccessOID.OCSP,
+                               x509.UniformResourceIdentifier(f"{base}/ocsp")),
+        x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS,
+                               x509.UniformResourceIdentifier(f"{base}/ca/{ca_name}.der")),
+    ])
+    return cdp, aia
+
+
 def set_revocation_pointers(request: IssueRequest, ctx: IssuerContext, t: Template) -> Template:
-    base = ctx.public_url.rstrip("/")
-    t = t.with_extension(
-        x509.CRLDistributionPoints(
-            [
-                x509.DistributionPoint(
-                    full_name=[x509.UniformResourceIdentifier(f"{base}/crl/{ctx.ca_name}.crl")],
-                    relative_name=None,
-                    reasons=None,
-                    crl_issuer=None,
-                )
-            ]
-        ),
-        critical=False,
-    )
-    return t.with_extension(
-        x509.AuthorityInformationAccess(
-            [
-                x509.AccessDescription(
-                    AuthorityInformationAccessOID.OCSP,
-                    x509.UniformResourceIdentifier(f"{base}/ocsp"),
-                ),
-                x509.AccessDescription(
-                    AuthorityInformationAccessOID.CA_ISSUERS,
-                    x509.UniformResourceIdentifier(f"{base}/ca/{ctx.ca_name}.der"),
-                ),
-            ]
-        ),
-        critical=False,
-    )
+    cdp, aia = revocation_pointers(ctx.public_url, ctx.ca_name)
+    return t.with_extension(cdp, critical=False).with_extension(aia, critical=False)
 
 
 MODIFIERS: tuple[Modifier, ...] = (

@@ -11,11 +11,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from cryptography.x509.oid import NameOID
 from sqlalchemy import Connection
 
 from fleetward.audit import AuditLog
 from fleetward.ca.authority import CAHandle, require_signer
+from fleetward.ca.pipeline import revocation_pointers
 from fleetward.crypto.signer import Signer, signature_hash
 from fleetward.crypto.x509util import fingerprint_sha256, random_serial, to_pem
 from fleetward.errors import InvalidInput, NotFound, PolicyViolation
@@ -84,7 +85,7 @@ def build_issuing_certificate(
     serial: int,
 ) -> x509.Certificate:
     root_signer = require_signer(root)
-    base = public_url.rstrip("/")
+    cdp, aia = revocation_pointers(public_url, root.name)
     root_ski = root.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     not_after = min(now + dt.timedelta(days=validity_days), root.certificate.not_valid_after_utc)
     return (
@@ -103,34 +104,8 @@ def build_issuing_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski.value),
             critical=False,
         )
-        .add_extension(
-            x509.CRLDistributionPoints(
-                [
-                    x509.DistributionPoint(
-                        full_name=[x509.UniformResourceIdentifier(f"{base}/crl/{root.name}.crl")],
-                        relative_name=None,
-                        reasons=None,
-                        crl_issuer=None,
-                    )
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.OCSP,
-                        x509.UniformResourceIdentifier(f"{base}/ocsp"),
-                    ),
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.CA_ISSUERS,
-                        x509.UniformResourceIdentifier(f"{base}/ca/{root.name}.der"),
-                    ),
-                ]
-            ),
-            critical=False,
-        )
+        .add_extension(cdp, critical=False)
+        .add_extension(aia, critical=False)
         .sign(root_signer.private_key, signature_hash(root_signer.public_key()))
     )
 

@@ -1,7 +1,7 @@
 """One-time bootstrap tokens for first enrollment (RFC 7030 §3.2.3, §4.2.1).
 
-A token is ``fwb_<id>.<secret>``: 64 random bits of id to find the row and 256 bits of
-secret, stored as SHA-256 only and compared in constant time. It is bound to one device
+A token is ``fwb_<id>.<secret>`` (crypto.secret_token: SHA-256 at rest, constant-time
+compare). It is bound to one device
 (single use) or to a claim batch of one device type (at most ``max_uses`` devices), and
 it expires. A use is counted by one conditional UPDATE inside the enrollment transaction,
 so fifty devices racing with one single-use token get exactly one success.
@@ -10,16 +10,13 @@ so fifty devices racing with one single-use token get exactly one success.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
-import re
-import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
 from fleetward.audit import AuditLog
 from fleetward.clock import Clock
+from fleetward.crypto.secret_token import SecretTokenFormat, secret_matches
 from fleetward.errors import InvalidInput, NotFound, Unauthenticated
 from fleetward.model import AuditEvent, validate_device_id
 from fleetward.store import Database
@@ -27,14 +24,9 @@ from fleetward.store import bootstrap as token_rows
 from fleetward.store import devices as device_rows
 from fleetward.store.bootstrap import BootstrapRow
 
-TOKEN_PREFIX = "fwb_"
-TOKEN_PATTERN = re.compile(r"fwb_[0-9a-f]{16}\.[A-Za-z0-9_-]{43}")
+BOOTSTRAP_TOKEN = SecretTokenFormat("fwb_")
 MAX_TTL = dt.timedelta(days=90)  # a factory batch may wait on a shelf, not for years
 MAX_BATCH = 1_000_000  # devices per claim batch
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +97,9 @@ class BootstrapTokens:
             raise InvalidInput(f"a bootstrap token lives between 1 minute and {MAX_TTL.days} "
                                "days", hint="e.g. --ttl-hours 72")
         now = self.clock.now()
-        token_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
-        row = BootstrapRow(token_id=token_id, secret_sha256=_hash(secret), device_id=device_id,
+        new = BOOTSTRAP_TOKEN.new()
+        token_id = new.token_id
+        row = BootstrapRow(token_id=token_id, secret_sha256=new.secret_sha256, device_id=device_id,
                            device_type=device_type, max_uses=max_uses, uses=0,
                            expires_at=now + ttl, created_at=now, revoked_at=None)
         token_rows.insert_token(conn, row)
@@ -116,7 +108,7 @@ class BootstrapTokens:
             target=f"device:{device_id}" if device_id else f"type:{device_type}",
             details={"token_id": token_id, "max_uses": max_uses,
                      "expires_at": row.expires_at.isoformat()}))
-        return IssuedToken(f"{TOKEN_PREFIX}{token_id}.{secret}", token_id, row.expires_at,
+        return IssuedToken(new.token, token_id, row.expires_at,
                            max_uses)
 
     def redeem(self, conn: Connection, presented: str, device_id: str) -> Redemption:
@@ -129,13 +121,13 @@ class BootstrapTokens:
             BootstrapRefused: unknown, wrong, expired, revoked, used-up, or bound to
                 another device. The caller audits it (its transaction will roll back).
         """
-        if not TOKEN_PATTERN.fullmatch(presented):
+        parts = BOOTSTRAP_TOKEN.split(presented)
+        if parts is None:
             raise BootstrapRefused("malformed token")
-        token_id, _, secret = presented.removeprefix(TOKEN_PREFIX).partition(".")
+        token_id, secret = parts
         row = token_rows.get_token(conn, token_id)
-        # Compare even for an unknown id so timing does not reveal which ids exist.
-        expected = row.secret_sha256 if row else _hash("\x00unknown")
-        if not hmac.compare_digest(_hash(secret), expected) or row is None:
+        # Hash even for an unknown id (secret_matches does) so timing does not reveal ids.
+        if not secret_matches(secret, row.secret_sha256 if row else None) or row is None:
             raise BootstrapRefused("unknown or wrong token")
         now = self.clock.now()
         if row.revoked_at is not None:
