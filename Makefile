@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./fleetward-data
-DEB_PACKAGES := openssl curl softhsm2 mosquitto-clients
+DEB_PACKAGES := openssl curl softhsm2 libengine-pkcs11-openssl mosquitto-clients
 PYTEST_ARGS ?=
 
 .PHONY: run test lint typecheck bench clean deps
@@ -25,7 +25,8 @@ run: $(VENV)/.stamp-run
 	@test -f $(DATA_DIR)/fleetward.toml || $(BIN)/fleetward init --data-dir $(DATA_DIR)
 	$(BIN)/fleetward serve --data-dir $(DATA_DIR)
 
-# Debian packages the tests drive (openssl, curl, SoftHSM2); installed only when missing.
+# Debian packages the tests drive (openssl, curl, SoftHSM2, the PKCS#11 engine the agent
+# uses for mTLS with a token key); installed only when missing.
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -46,6 +47,7 @@ lint: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-run
 	$(BIN)/python bench/issue.py
+	$(BIN)/python bench/enroll.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from fleetward.audit import AuditLog
 from fleetward.ca import Authority
 from fleetward.ca.setup import ISSUING_NAME, ROOT_NAME, create_hierarchy
 from fleetward.clock import FrozenClock
-from fleetward.config import CAConfig
+from fleetward.config import CAConfig, load_settings, render_settings
 from fleetward.crypto.signer import FileSigner, Signer
 from fleetward.model import DeviceType
 from fleetward.registry import Registry
@@ -187,13 +188,24 @@ class RunningServer:
 
 
 def start_server(data_dir: Path, extra_init: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> RunningServer:
+                 env: dict[str, str] | None = None,
+                 settings: dict[str, dict[str, Any]] | None = None) -> RunningServer:
+    """Init ``data_dir`` and start ``fleetward serve`` on free ports.
+
+    ``settings`` overrides fleetward.toml values after init, e.g.
+    ``{"enroll": {"reenroll_overlap_seconds": 2}}``.
+    """
     public_port, admin_port, device_port = free_port(), free_port(), free_port()
     public_url = f"http://127.0.0.1:{public_port}"
     env = dict(env or os.environ)
     subprocess.run([*FLEETWARD, "init", "--data-dir", str(data_dir), "--public-url", public_url,
                     "--public-port", str(public_port), "--admin-port", str(admin_port),
                     *(extra_init or [])], check=True, env=env, capture_output=True, timeout=120)
+    if settings:
+        current = load_settings(data_dir, env={})
+        for section, values in settings.items():
+            current = replace(current, **{section: replace(getattr(current, section), **values)})
+        (data_dir / "fleetward.toml").write_text(render_settings(current))
     log_file = data_dir.parent / f"{data_dir.name}-server.log"
     log = log_file.open("wb")
     process = subprocess.Popen(

@@ -54,6 +54,32 @@ class CAConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EnrollConfig:
+    # After simplereenroll the old certificate stays valid this long (devices switch over
+    # gracefully), then it is revoked as superseded (RFC 5280 §5.3.1 reason 4).
+    reenroll_overlap_seconds: int = 86400
+    # A device whose certificate expired may re-enroll this long after notAfter, with a
+    # CSR signed by the same key (no mTLS: the handshake refuses an expired certificate).
+    expired_grace_days: int = 30
+    # Retry-After of a 202 while an OEM enrollment waits for approval (RFC 7030 §4.2.3).
+    approval_retry_after_seconds: int = 60
+    # How often superseded certificates past their overlap are revoked.
+    supersede_sweep_seconds: int = 30
+    # Owner of devices registered on first contact when nothing names one.
+    jit_owner: str = "unassigned"
+
+    def __post_init__(self) -> None:
+        for name in ("reenroll_overlap_seconds", "expired_grace_days",
+                     "approval_retry_after_seconds", "supersede_sweep_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"[enroll] {name} must not be negative",
+                                         hint="use 0 to switch the delay off")
+        if self.supersede_sweep_seconds == 0:
+            raise ConfigurationError("[enroll] supersede_sweep_seconds must be at least 1",
+                                     hint="the default is 30")
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     url: str = ""  # empty = SQLite file in the data dir
     # True when the URL carries a password: it then lives only in FLEETWARD_DATABASE_URL.
@@ -66,6 +92,7 @@ class Settings:
     listeners: ListenerConfig = field(default_factory=ListenerConfig)
     ca: CAConfig = field(default_factory=CAConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    enroll: EnrollConfig = field(default_factory=EnrollConfig)
 
     @property
     def database_url(self) -> str:
@@ -88,6 +115,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "listeners": ListenerConfig,
     "ca": CAConfig,
     "database": DatabaseConfig,
+    "enroll": EnrollConfig,
 }
 
 # Environment overrides that operators expect by name.

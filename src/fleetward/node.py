@@ -17,7 +17,9 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +66,9 @@ from fleetward.crypto.signer import (
 )
 from fleetward.crypto.x509util import load_certificate
 from fleetward.edge.device import build_device_app
+from fleetward.edge.est import EstEndpoints
 from fleetward.edge.public import PublicEndpoints, build_public_app
+from fleetward.enroll import BootstrapTokens, EnrollmentService
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
 from fleetward.model import DeviceType, Role
 from fleetward.registry import Registry
@@ -72,11 +76,13 @@ from fleetward.store import Database
 from fleetward.store import cas as ca_rows
 from fleetward.store import devices as device_rows
 from fleetward.web.tls import server_context
+from fleetward.web.tls_gate import GatedTLSSite
 
 log = structlog.get_logger("fleetward.server")
 
 DEFAULT_DEVICE_TYPE = "default"
 CRL_CHECK_INTERVAL_SECONDS = 60
+OEM_TRUST_REFRESH_SECONDS = 5  # a newly registered OEM CA is trusted by TLS within this
 _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
 
 
@@ -337,10 +343,14 @@ class Node:
                                    settings.listeners.public_url, self.clock, self.audit)
         self.registry = Registry(self.db, self.authority, self.audit, self.clock)
         self.tokens = OperatorTokens(self.db, self.audit, self.clock)
+        self.bootstrap = BootstrapTokens(self.db, self.audit, self.clock)
+        self.enrollment = EnrollmentService(self.db, self.registry, self.bootstrap, self.audit,
+                                            self.clock, settings.enroll)
         # One writer thread: SQL writes are serialised in-process and never block the loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetward-db")
         self.public_executor = ThreadPoolExecutor(max_workers=2,
                                                   thread_name_prefix="fleetward-public")
+        self._trusted_oem: set[str] = set()
 
     def refresh_crls(self) -> list[str]:
         with self.db.transaction() as conn:
@@ -349,7 +359,8 @@ class Node:
     def admin_app(self) -> web.Application:
         return build_admin_app(AdminServices(
             db=self.db, registry=self.registry, tokens=self.tokens, authority=self.authority,
-            audit=self.audit, clock=self.clock, executor=self.executor))
+            audit=self.audit, clock=self.clock, executor=self.executor,
+            bootstrap=self.bootstrap, enrollment=self.enrollment))
 
     def public_app(self) -> web.Application:
         # Its own threads: OCSP signing and CRL reads must not queue behind admin writes
@@ -358,37 +369,73 @@ class Node:
 
     def tls_context(self, *, device_clients: bool) -> Any:
         """Server TLS; only the device listener asks for (optional) client certificates."""
-        return server_context(self.layout.server_cert_file, self.layout.server_key_file,
-                              self.passphrase,
-                              client_ca_file=self.layout.chain_file if device_clients else None)
+        ctx = server_context(self.layout.server_cert_file, self.layout.server_key_file,
+                             self.passphrase,
+                             client_ca_file=self.layout.chain_file if device_clients else None)
+        if device_clients:
+            # A registered OEM CA may be an intermediate of the manufacturer's hierarchy:
+            # it is then the trust anchor for its IDevIDs (RFC 5280 §6.1.1 lets the
+            # relying party choose anchors). Routes check which CA issued a certificate.
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            self._trust_oem_cas(ctx)
+        return ctx
+
+    def _trust_oem_cas(self, ctx: ssl.SSLContext) -> int:
+        """Add OEM CAs registered since the last call; returns how many were added.
+
+        OpenSSL cannot drop a CA from a live context; an OEM CA is never unregistered,
+        and EnrollmentService refuses IDevIDs whose issuer is not registered anyway.
+        """
+        added = 0
+        for fingerprint, pem in self.enrollment.oem_ca_pems().items():
+            if fingerprint not in self._trusted_oem:
+                ctx.load_verify_locations(cadata=pem)
+                self._trusted_oem.add(fingerprint)
+                added += 1
+        return added
 
     async def run(self, stop: asyncio.Event) -> None:
         listeners = self.settings.listeners
         runners: list[web.AppRunner] = []
+        device_tls = self.tls_context(device_clients=True)
+        device_app = build_device_app(EstEndpoints(self.enrollment, self.executor))
         sites = [
             (self.public_app(), listeners.public_port, None, "public"),
             (self.admin_app(), listeners.admin_port, self.tls_context(device_clients=False),
              "admin"),
-            (build_device_app(), listeners.device_port, self.tls_context(device_clients=True),
-             "device"),
+            (device_app, listeners.device_port, device_tls, "device"),
         ]
+        loop = asyncio.get_running_loop()
+
+        def refused(address: str, reason: str) -> None:
+            # Audited off the loop, on the writer thread, like every other audit write.
+            loop.run_in_executor(self.executor, self.enrollment.audit_tls_refusal, address,
+                                 reason)
         try:
             for app, port, ssl_ctx, name in sites:
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 runners.append(runner)
-                await web.TCPSite(runner, listeners.host, port, ssl_context=ssl_ctx).start()
+                site: web.BaseSite
+                if ssl_ctx is device_tls:
+                    site = GatedTLSSite(runner, listeners.host, port, ssl_context=device_tls,
+                                        on_refused=refused)
+                else:
+                    site = web.TCPSite(runner, listeners.host, port, ssl_context=ssl_ctx)
+                await site.start()
                 log.info("listening", listener=name, host=listeners.host, port=port,
                          tls=ssl_ctx is not None)
             # CLI commands on this host find the admin API through this file.
             write_admin_url(self.layout, listeners)
             log.info("MQTT listener arrives with the secure-channel issue; port reserved",
                      mqtt_port=listeners.mqtt_port)
-            refresher = asyncio.create_task(self._crl_loop(stop))
+            tasks = self._background_jobs(stop, device_tls)
             await stop.wait()
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -396,20 +443,42 @@ class Node:
             self.public_executor.shutdown(wait=True)
             self.db.dispose()
 
-    async def _crl_loop(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
+    async def _every(self, stop: asyncio.Event, seconds: float, name: str,
+                     executor: ThreadPoolExecutor, job: Callable[[], Any]) -> None:
+        """Run ``job`` on ``executor`` every ``seconds`` until ``stop``.
+
+        The loop must outlive any one failure: a dead CRL refresher lets CRLs expire, a
+        dead sweeper leaves superseded certificates valid.
+        """
         while not stop.is_set():
             try:
-                refreshed = await loop.run_in_executor(self.executor, self.refresh_crls)
-                if refreshed:
-                    log.info("crls refreshed", cas=refreshed)
+                await asyncio.get_running_loop().run_in_executor(executor, job)
             except FleetwardError as exc:
-                log.error("crl refresh failed", error=exc.message)
+                log.error("periodic job failed", job=name, error=exc.message)
             except Exception:
-                # The loop must outlive any one failure: a dead refresher lets CRLs expire.
-                log.exception("crl refresh failed unexpectedly")
+                log.exception("periodic job failed unexpectedly", job=name)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), CRL_CHECK_INTERVAL_SECONDS)
+                await asyncio.wait_for(stop.wait(), seconds)
+
+    def _background_jobs(self, stop: asyncio.Event,
+                         device_tls: ssl.SSLContext) -> list[asyncio.Task[None]]:
+        def refresh_crls() -> None:
+            refreshed = self.refresh_crls()
+            if refreshed:
+                log.info("crls refreshed", cas=refreshed)
+
+        def trust_oem_cas() -> None:
+            if added := self._trust_oem_cas(device_tls):
+                log.info("device listener trusts new OEM CAs", count=added)
+
+        # SQL writes stay on the one writer thread; the OEM-CA read uses the public pool.
+        jobs: list[tuple[float, str, ThreadPoolExecutor, Callable[[], Any]]] = [
+            (CRL_CHECK_INTERVAL_SECONDS, "crl-refresh", self.executor, refresh_crls),
+            (self.settings.enroll.supersede_sweep_seconds, "supersede-sweep", self.executor,
+             self.enrollment.sweep_superseded),
+            (OEM_TRUST_REFRESH_SECONDS, "oem-trust", self.public_executor, trust_oem_cas)]
+        return [asyncio.create_task(self._every(stop, seconds, name, executor, job))
+                for seconds, name, executor, job in jobs]
 
 
 def serve(data_dir: Path, listeners: ListenerConfig | None) -> None:

@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from fleetward.admin.app import ROUTES, Route, openapi_document
 from fleetward.model import Role, role_allows
 from tests.conftest import RunningServer
+from tests.integration.enroll_helpers import csr_der, enroll_with_idevid, make_oem_ca
 
 PROBLEM_MEMBERS = {"type", "title", "status", "detail", "hint"}
 GENERIC_400_HINT = "Correct the request and send it again."
@@ -117,11 +118,36 @@ class Target:
     serial: str
     token_id: str
     tag: str
+    bootstrap_token_id: str
+    pending: Callable[[], str]  # makes a device whose enrollment waits for approval
+
+
+@pytest.fixture(scope="module")
+def pending_enrollments(server: RunningServer,
+                        tmp_path_factory: pytest.TempPathFactory) -> Callable[[], str]:
+    """Devices that enrolled with a manufacturer certificate (IDevID) and wait for an
+    operator, made on demand (only the approve/reject routes need one)."""
+    oem = make_oem_ca("RBAC Approval OEM CA")
+    with server.admin() as admin:
+        response = admin.post("/v1/ca/oem", json={
+            "name": "rbac-approval-oem", "certificate": oem.pem, "device_type": "default",
+            "require_approval": True})
+    assert response.status_code == 201, response.text
+    directory = tmp_path_factory.mktemp("idevids")
+
+    def make() -> str:
+        device_id = f"rbac-pending-{secrets.token_hex(4)}"
+        waiting = enroll_with_idevid(server, oem.idevid(directory, device_id),
+                                     csr_der(device_id))
+        assert waiting.status_code == 202, waiting.text
+        return device_id
+    return make
 
 
 @pytest.fixture
-def target(server: RunningServer) -> Target:
-    """A registered device with one valid certificate, and a spare operator token."""
+def target(server: RunningServer, pending_enrollments: Callable[[], str]) -> Target:
+    """A registered device with one valid certificate and a bootstrap token, and a spare
+    operator token."""
     tag = secrets.token_hex(4)
     with server.admin() as admin:
         device_id = f"rbac-dev-{tag}"
@@ -131,7 +157,10 @@ def target(server: RunningServer) -> Target:
         assert issued.status_code == 201, issued.text
         spare = admin.post("/v1/operators", json={"name": f"spare-{tag}", "role": "auditor"})
         token_id = spare.json()["token"].removeprefix("fwa_").split(".")[0]
-    return Target(device_id, issued.json()["serial"], token_id, tag)
+        bootstrap = admin.post(f"/v1/devices/{device_id}/bootstrap-tokens", json={})
+        assert bootstrap.status_code == 201, bootstrap.text
+    return Target(device_id, issued.json()["serial"], token_id, tag,
+                  bootstrap.json()["token_id"], pending_enrollments)
 
 
 # Plausible requests, so that a refusal is due to the role and not to a bad request:
@@ -152,6 +181,18 @@ PLAUSIBLE_BODIES: dict[tuple[str, str], Callable[[Target], dict[str, Any] | None
         "name": f"rbac-oem-{t.tag}", "certificate": oem_ca_pem(), "device_type": "default"},
     ("POST", "/v1/operators"): lambda t: {"name": f"rbac-new-op-{t.tag}", "role": "auditor"},
     ("DELETE", "/v1/operators/{token_id}"): lambda t: None,
+    ("POST", "/v1/devices/{device_id}/bootstrap-tokens"): lambda t: {"ttl_hours": 24},
+    ("POST", "/v1/bootstrap-tokens"): lambda t: {
+        "type": "default", "count": 10, "ttl_hours": 24, "owner": "acme"},
+    ("DELETE", "/v1/bootstrap-tokens/{token_id}"): lambda t: None,
+    ("POST", "/v1/enrollments/{device_id}/approve"): lambda t: None,
+    ("POST", "/v1/enrollments/{device_id}/reject"): lambda t: None,
+    ("POST", "/v1/factory/tokens"): lambda t: {
+        "type": "default", "count": 2, "owner": "acme", "id_prefix": f"rbac-{t.tag}-",
+        "ttl_hours": 24},
+    ("POST", "/v1/factory/sign"): lambda t: {
+        "type": "default", "device_id": f"rbac-factory-{t.tag}", "csr_pem": csr_pem(),
+        "owner": "acme"},
 }
 
 
@@ -170,6 +211,10 @@ def schema_body(schema: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def plausible_request(route: Route, t: Target) -> tuple[str, dict[str, Any] | None]:
     fill = {"device_id": t.device_id, "serial": t.serial, "token_id": t.token_id}
+    if route.path.startswith("/v1/bootstrap-tokens/"):
+        fill["token_id"] = t.bootstrap_token_id
+    if route.path.startswith("/v1/enrollments/{device_id}/"):
+        fill["device_id"] = t.pending()
 
     def param(match: re.Match[str]) -> str:
         name = match.group(1)

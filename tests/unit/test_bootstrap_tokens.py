@@ -160,7 +160,7 @@ def test_only_the_hash_of_the_secret_is_stored(stack: Stack, tokens: BootstrapTo
     assert any(issued.token_id in cell for cell in cells)  # the search can find things
 
 
-def test_migration_0002_upgrades_a_0001_database(tmp_path: Path) -> None:
+def test_migrations_upgrade_a_0001_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     db = Database(url)
     with db.engine.begin() as conn:
@@ -172,6 +172,7 @@ def test_migration_0002_upgrades_a_0001_database(tmp_path: Path) -> None:
     db.dispose()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
         assert conn.execute(text("SELECT count(*) FROM bootstrap_tokens")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM oem_bindings")).scalar() == 0
     engine.dispose()

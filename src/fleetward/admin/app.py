@@ -8,6 +8,7 @@ without a role entry does not exist.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ from fleetward.audit import AuditLog, record_to_json
 from fleetward.ca import Authority
 from fleetward.ca.setup import register_oem_ca
 from fleetward.clock import Clock
+from fleetward.enroll import BootstrapTokens, EnrollmentService, IssuedToken
+from fleetward.enroll.bootstrap import MAX_BATCH as MAX_CLAIM_BATCH
+from fleetward.enroll.factory import MAX_FACTORY_BATCH, FactoryService
 from fleetward.errors import Forbidden, InvalidInput
-from fleetward.model import AuditEvent, Operator, Role, parse_serial, parse_state
+from fleetward.model import AuditEvent, DeviceType, Operator, Role, parse_serial, parse_state
 from fleetward.registry import Registry
 from fleetward.store import Database
 from fleetward.store import audit as audit_rows
@@ -37,6 +41,9 @@ from fleetward.web.problem import (
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 1024 * 1024  # bytes; a CSR is ~1 KiB, an OEM CA certificate ~2 KiB
+DEFAULT_TOKEN_TTL_HOURS = 72  # a device is usually installed within days of its token
+MAX_TOKEN_TTL_HOURS = 24 * 90  # hours; BootstrapTokens allows at most 90 days
+DEFAULT_FACTORY_TTL_HOURS = 24 * 30  # factory units wait in stock before installation
 OPERATOR_KEY = web.AppKey("operator", Operator)
 SERVICES_KEY: web.AppKey[AdminServices] = web.AppKey("services")
 
@@ -50,6 +57,8 @@ class AdminServices:
     audit: AuditLog
     clock: Clock
     executor: Executor  # one worker: serialises SQL writes and keeps them off the loop
+    bootstrap: BootstrapTokens
+    enrollment: EnrollmentService
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -78,6 +87,37 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
+def _body_int(body: dict[str, Any], key: str, default: int | None, low: int, high: int) -> int:
+    """An integer field in ``low..high``; ``default`` None makes it required."""
+    example = f'e.g. {{"{key}": {default if default is not None else low}}}'
+    value = body.get(key, default)
+    if value is None:
+        raise InvalidInput(f"missing field {key!r}", hint=example)
+    # bool is an int in Python; JSON true must not mean 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"field {key!r} must be an integer", hint=example)
+    if not low <= value <= high:
+        raise InvalidInput(f"field {key!r} must be between {low} and {high}", hint=example)
+    return value
+
+
+def _body_bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"field {key!r} must be true or false",
+                           hint=f'e.g. {{"{key}": true}}')
+    return value
+
+
+def _str_list(body: dict[str, Any], key: str, example: str) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"{key} must be a list of strings", hint=f"e.g. {example}")
+    return value
+
+
 def _query_int(request: web.Request, key: str, default: int) -> int:
     raw = request.query.get(key)
     if raw is None:
@@ -100,24 +140,26 @@ async def whoami(request: web.Request, svc: AdminServices, op: Operator) -> web.
     return _json({"name": op.name, "role": op.role.value, "token_id": op.token_id})
 
 
+def _type_json(t: DeviceType) -> dict[str, Any]:
+    return {"name": t.name, "description": t.description,
+            "message_types": list(t.message_types),
+            "enrollment_profiles": list(t.enrollment_profiles)}
+
+
 async def list_types(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     types = await svc.run(svc.registry.list_types)
-    return _json({"items": [{"name": t.name, "description": t.description,
-                             "message_types": list(t.message_types)} for t in types]})
+    return _json({"items": [_type_json(t) for t in types]})
 
 
 async def create_type(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     body = await read_json(request)
-    reject_unknown_fields(body, {"name", "description", "message_types"})
-    message_types = body.get("message_types", [])
-    if not isinstance(message_types, list) or not all(isinstance(m, str) for m in message_types):
-        raise InvalidInput("message_types must be a list of strings",
-                           hint='e.g. ["telemetry", "event"]')
+    reject_unknown_fields(body, {"name", "description", "message_types", "enrollment_profiles"})
+    message_types = _str_list(body, "message_types", '["telemetry", "event"]') or []
+    profiles = _str_list(body, "enrollment_profiles", '["device", "gateway"]')
     t = await svc.run(svc.registry.create_type, require_str(body, "name"),
                       require_str(body, "description", optional=True), message_types,
-                      _actor(op))
-    return _json({"name": t.name, "description": t.description,
-                  "message_types": list(t.message_types)}, 201)
+                      _actor(op), enrollment_profiles=profiles)
+    return _json(_type_json(t), 201)
 
 
 async def create_device(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
@@ -227,6 +269,7 @@ async def ca_info(request: web.Request, svc: AdminServices, op: Operator) -> web
             if r.name in handles else None,
             "crl_number": r.crl_number if r.kind != "oem" else None,
             "crl_next_update": r.crl_next_update.isoformat() if r.crl_next_update else None,
+            "require_approval": r.enrollment_approval if r.kind == "oem" else None,
             "certificate_pem": r.cert_pem,
         } for r in rows]
     return _json({"items": await svc.run(load)})
@@ -234,16 +277,19 @@ async def ca_info(request: web.Request, svc: AdminServices, op: Operator) -> web
 
 async def register_oem(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     body = await read_json(request)
-    reject_unknown_fields(body, {"name", "certificate", "device_type"})
+    reject_unknown_fields(body, {"name", "certificate", "device_type", "require_approval"})
+    approval = _body_bool(body, "require_approval")
 
     def register() -> dict[str, Any]:
         with svc.db.transaction() as conn:
             row = register_oem_ca(conn, name=require_str(body, "name"),
                                   cert_pem=require_str(body, "certificate").encode(),
                                   device_type=require_str(body, "device_type"),
-                                  actor=_actor(op), now=svc.clock.now(), audit=svc.audit)
+                                  actor=_actor(op), now=svc.clock.now(), audit=svc.audit,
+                                  enrollment_approval=approval)
         return {"name": row.name, "subject": row.subject,
-                "fingerprint_sha256": row.fingerprint_sha256, "device_type": row.device_type}
+                "fingerprint_sha256": row.fingerprint_sha256, "device_type": row.device_type,
+                "require_approval": row.enrollment_approval}
     return _json(await svc.run(register), 201)
 
 
@@ -297,11 +343,107 @@ async def revoke_operator(request: web.Request, svc: AdminServices,
     return web.Response(status=204)
 
 
+# --- bootstrap tokens, approvals, factory (enrollment, RFC 7030) ----------------------
+
+
+def _ttl(body: dict[str, Any], default_hours: int = DEFAULT_TOKEN_TTL_HOURS) -> dt.timedelta:
+    # The service enforces 1 minute .. 90 days; whole hours are what operators type.
+    return dt.timedelta(hours=_body_int(body, "ttl_hours", default_hours, 1,
+                                        MAX_TOKEN_TTL_HOURS))
+
+
+def _token_json(issued: IssuedToken) -> dict[str, Any]:
+    return {"token": issued.token, "token_id": issued.token_id,
+            "expires_at": issued.expires_at.isoformat(), "max_uses": issued.max_uses}
+
+
+async def create_device_token(request: web.Request, svc: AdminServices,
+                              op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"ttl_hours"})
+    device_id = request.match_info["device_id"]
+    issued = await svc.run(svc.bootstrap.issue_for_device, device_id, _ttl(body), _actor(op))
+    return _json({**_token_json(issued), "device_id": device_id}, 201)
+
+
+async def create_batch_token(request: web.Request, svc: AdminServices,
+                             op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"type", "count", "ttl_hours", "owner"})
+    device_type = require_str(body, "type")
+    count = _body_int(body, "count", None, 1, MAX_CLAIM_BATCH)
+    owner = body.get("owner")
+    if owner is not None and (not isinstance(owner, str) or not 1 <= len(owner) <= 128):
+        raise InvalidInput("owner must be a string of 1-128 characters", hint='"owner": "acme"')
+    issued = await svc.run(svc.bootstrap.issue_batch, device_type, count, _ttl(body),
+                           _actor(op), owner=owner)
+    return _json({**_token_json(issued), "device_type": device_type, "owner": owner}, 201)
+
+
+async def revoke_bootstrap_token(request: web.Request, svc: AdminServices,
+                                 op: Operator) -> web.Response:
+    await svc.run(svc.bootstrap.revoke, request.match_info["token_id"], _actor(op))
+    return web.Response(status=204)
+
+
+async def list_enrollments(request: web.Request, svc: AdminServices,
+                           op: Operator) -> web.Response:
+    bindings = await svc.run(svc.enrollment.list_bindings, request.query.get("approval"),
+                             _query_int(request, "limit", 100))
+    return _json({"items": [b.to_json() for b in bindings]})
+
+
+async def approve_enrollment(request: web.Request, svc: AdminServices,
+                             op: Operator) -> web.Response:
+    binding = await svc.run(svc.enrollment.decide, request.match_info["device_id"], True,
+                            _actor(op))
+    return _json(binding.to_json())
+
+
+async def reject_enrollment(request: web.Request, svc: AdminServices,
+                            op: Operator) -> web.Response:
+    binding = await svc.run(svc.enrollment.decide, request.match_info["device_id"], False,
+                            _actor(op))
+    return _json(binding.to_json())
+
+
+def _factory(svc: AdminServices) -> FactoryService:
+    return FactoryService(svc.db, svc.registry, svc.bootstrap, svc.audit, svc.clock)
+
+
+async def factory_tokens(request: web.Request, svc: AdminServices,
+                         op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"type", "count", "owner", "id_prefix", "ttl_hours"})
+    created = await svc.run(_factory(svc).create_batch, require_str(body, "type"),
+                            _body_int(body, "count", None, 1, MAX_FACTORY_BATCH),
+                            require_str(body, "owner", optional=True, default="default"),
+                            require_str(body, "id_prefix", optional=True),
+                            _ttl(body, DEFAULT_FACTORY_TTL_HOURS), _actor(op))
+    return _json({"items": [{"device_id": device_id, "token": t.token,
+                             "token_id": t.token_id, "expires_at": t.expires_at.isoformat()}
+                            for device_id, t in created]}, 201)
+
+
+async def factory_sign(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"type", "device_id", "csr_pem", "owner"})
+    record, reused = await svc.run(
+        _factory(svc).sign, require_str(body, "type"), require_str(body, "device_id"),
+        require_str(body, "csr_pem").encode(),
+        require_str(body, "owner", optional=True, default="default"), _actor(op))
+    return _json({"serial": record.serial_hex, "device_id": record.device_id,
+                  "not_after": record.not_after.isoformat(), "pem": record.pem,
+                  "reused": reused}, 200 if reused else 201)
+
+
 async def openapi(request: web.Request, svc: AdminServices, op: Operator | None) -> web.Response:
     return _json(openapi_document())
 
 
 _STR = {"type": "string"}
+_TTL = {"type": "integer", "minimum": 1, "maximum": 24 * 90,
+        "description": "token lifetime in hours (default 72)"}
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", None, openapi, "This OpenAPI 3 document"),
     Route("GET", "/v1/health", None, health, "Liveness"),
@@ -310,7 +452,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/device-types", Role.OPERATOR, create_type, "Create a device type",
           {"type": "object", "required": ["name"], "additionalProperties": False,
            "properties": {"name": _STR, "description": _STR,
-                          "message_types": {"type": "array", "items": _STR}}}),
+                          "message_types": {"type": "array", "items": _STR},
+                          "enrollment_profiles": {
+                              "type": "array", "items": _STR,
+                              "description": "profiles (EST labels) its devices may enroll "
+                                             "for; default [\"device\"]"}}}),
     Route("GET", "/v1/devices", Role.AUDITOR, list_devices, "List devices (keyset paging)",
           query=("state", "type", "owner", "after", "limit")),
     Route("POST", "/v1/devices", Role.OPERATOR, create_device, "Register a device",
@@ -344,7 +490,44 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/ca/oem", Role.ADMIN, register_oem, "Register a trusted OEM CA",
           {"type": "object", "required": ["name", "certificate", "device_type"],
            "additionalProperties": False,
-           "properties": {"name": _STR, "certificate": _STR, "device_type": _STR}}),
+           "properties": {"name": _STR, "certificate": _STR, "device_type": _STR,
+                          "require_approval": {
+                              "type": "boolean",
+                              "description": "new devices wait for an operator's approval"}}}),
+    Route("POST", "/v1/devices/{device_id}/bootstrap-tokens", Role.OPERATOR,
+          create_device_token, "Issue a single-use bootstrap token for a device (shown once)",
+          {"type": "object", "additionalProperties": False, "properties": {"ttl_hours": _TTL}}),
+    Route("POST", "/v1/bootstrap-tokens", Role.OPERATOR, create_batch_token,
+          "Issue a claim-batch bootstrap token for N new devices of a type (shown once)",
+          {"type": "object", "required": ["type", "count"], "additionalProperties": False,
+           "properties": {"type": _STR,
+                          "count": {"type": "integer", "minimum": 1,
+                                    "maximum": MAX_CLAIM_BATCH},
+                          "ttl_hours": _TTL, "owner": {"type": ["string", "null"]}}}),
+    Route("DELETE", "/v1/bootstrap-tokens/{token_id}", Role.OPERATOR, revoke_bootstrap_token,
+          "Revoke a bootstrap token"),
+    Route("GET", "/v1/enrollments", Role.AUDITOR, list_enrollments,
+          "Manufacturer-certificate (IDevID) enrollments, e.g. ?approval=pending",
+          query=("approval", "limit")),
+    Route("POST", "/v1/enrollments/{device_id}/approve", Role.OPERATOR, approve_enrollment,
+          "Approve a pending manufacturer-certificate enrollment"),
+    Route("POST", "/v1/enrollments/{device_id}/reject", Role.OPERATOR, reject_enrollment,
+          "Reject a pending manufacturer-certificate enrollment"),
+    Route("POST", "/v1/factory/tokens", Role.OPERATOR, factory_tokens,
+          "Register N new devices with one single-use bootstrap token each (shown once)",
+          {"type": "object", "required": ["type", "count"], "additionalProperties": False,
+           "properties": {"type": _STR,
+                          "count": {"type": "integer", "minimum": 1,
+                                    "maximum": MAX_FACTORY_BATCH},
+                          "owner": _STR, "id_prefix": _STR,
+                          "ttl_hours": {**_TTL, "description": "token lifetime in hours "
+                                                               "(default 720)"}}}),
+    Route("POST", "/v1/factory/sign", Role.OPERATOR, factory_sign,
+          "Sign a factory CSR for a device, registering it if new (idempotent per CSR: "
+          "200 with reused=true if already signed)",
+          {"type": "object", "required": ["type", "device_id", "csr_pem"],
+           "additionalProperties": False,
+           "properties": {"type": _STR, "device_id": _STR, "csr_pem": _STR, "owner": _STR}}),
     Route("GET", "/v1/audit", Role.AUDITOR, audit_query, "Query the audit log",
           query=("after", "action", "limit", "order")),
     Route("GET", "/v1/audit/verify", Role.AUDITOR, audit_verify, "Verify the audit chain"),

@@ -7,6 +7,7 @@ and the CRL that reflects it are committed together or not at all.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from fleetward.ca.reasons import parse_reason
 from fleetward.clock import Clock
 from fleetward.config import CAConfig
 from fleetward.crypto.signer import Signer, signature_hash
-from fleetward.crypto.x509util import fingerprint_sha256, random_serial
+from fleetward.crypto.x509util import fingerprint_sha256, random_serial, spki_sha256
 from fleetward.errors import Conflict, KeyUnavailable, NotFound, StorageError
 from fleetward.model import AuditEvent, CertificateRecord, format_serial
 from fleetward.store import cas as ca_rows
@@ -102,6 +103,11 @@ class Authority:
             now,
         )
         template = run_pipeline(request, ctx)
+        key_digest = spki_sha256(request.public_key)
+        csr_digest = (
+            hashlib.sha256(request.csr.public_bytes(serialization.Encoding.DER)).hexdigest()
+            if request.csr is not None else None
+        )
         for _attempt in range(MAX_SERIAL_ATTEMPTS):
             serial = self._serials()
             builder = (
@@ -127,6 +133,8 @@ class Authority:
                 pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
                 device_id=request.device.id if request.device else None,
                 issued_at=now,
+                spki_sha256=key_digest,
+                csr_sha256=csr_digest,
             )
             try:
                 cert_rows.insert_certificate(conn, record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from cryptography import x509
@@ -279,6 +280,7 @@ def register_oem_ca(
     actor: str,
     now: dt.datetime,
     audit: AuditLog,
+    enrollment_approval: bool = False,
 ) -> CARow:
     """Trust a manufacturer CA whose device certificates (IDevIDs) enrollment will accept.
 
@@ -306,7 +308,8 @@ def register_oem_ca(
         raise InvalidInput(
             "the OEM CA certificate has expired", hint="ask the OEM for a current one"
         )
-    row = _row(name, "oem", cert, None, now, device_type=device_type)
+    row = replace(_row(name, "oem", cert, None, now, device_type=device_type),
+                  enrollment_approval=enrollment_approval)
     ca_rows.insert_ca(conn, row)
     audit.append(
         conn,
@@ -318,6 +321,7 @@ def register_oem_ca(
                 "subject": row.subject,
                 "fingerprint_sha256": row.fingerprint_sha256,
                 "device_type": device_type,
+                "enrollment_approval": enrollment_approval,
             },
         ),
     )

@@ -80,9 +80,16 @@ class AdminClient:
         self._http.close()
 
     def request(self, method: str, path: str, *, json: Any = None,
-                params: dict[str, Any] | None = None) -> Any:
+                params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """One API call; the decoded JSON body, or None for 204.
+
+        Raises:
+            ApiError: the server answered with a problem document.
+            ConfigurationError: the server cannot be reached or its TLS verified.
+        """
         try:
-            response = self._http.request(method, path, json=json, params=params)
+            response = self._http.request(method, path, json=json, params=params,
+                                          timeout=timeout or TIMEOUT_SECONDS)
         except httpx.TransportError as exc:
             if _caused_by(exc, ssl.SSLCertVerificationError):
                 raise ConfigurationError(
@@ -113,8 +120,11 @@ class AdminClient:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean)
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("POST", path, json=body)
+    def post(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
+        return self.request("POST", path, json=body, timeout=timeout)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
 
 
 def _trust_context(ca_file: Path) -> ssl.SSLContext:

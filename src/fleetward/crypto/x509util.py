@@ -25,6 +25,13 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def spki_sha256(key: CertificatePublicKeyTypes) -> str:
+    """SHA-256 of the DER SubjectPublicKeyInfo: names a key whatever certificate carries it."""
+    der = key.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def public_key_bits(key: CertificatePublicKeyTypes) -> bytes:
     """The subjectPublicKey BIT STRING contents (what RFC 6960 §4.1.1 issuerKeyHash hashes)."""
     if isinstance(key, ec.EllipticCurvePublicKey):

@@ -40,8 +40,10 @@ class IssuedToken:
 @dataclass(frozen=True, slots=True)
 class Redemption:
     token_id: str
+    device_id: str  # the bound device, or the new device a batch token registers
     device_type: str
     bound_device: str | None  # None for a batch token: the device is registered on first use
+    owner: str | None  # batch tokens: owner of the devices they register
 
 
 class BootstrapRefused(Unauthenticated):
@@ -76,7 +78,7 @@ class BootstrapTokens:
             return self._issue(conn, device.type, device_id, 1, ttl, actor)
 
     def issue_batch(self, device_type: str, max_uses: int, ttl: dt.timedelta,
-                    actor: str) -> IssuedToken:
+                    actor: str, owner: str | None = None) -> IssuedToken:
         """A claim-batch token: up to ``max_uses`` new devices of ``device_type``.
 
         Raises:
@@ -89,10 +91,17 @@ class BootstrapTokens:
             if device_rows.get_type(conn, device_type) is None:
                 raise NotFound(f"device type {device_type!r} does not exist",
                                hint=f"create it first: fleetward type add {device_type}")
-            return self._issue(conn, device_type, None, max_uses, ttl, actor)
+            return self._issue(conn, device_type, None, max_uses, ttl, actor, owner)
+
+    def issue_in(self, conn: Connection, device_id: str, device_type: str, ttl: dt.timedelta,
+                 actor: str) -> IssuedToken:
+        """A single-use token for ``device_id`` inside the caller's transaction (factory
+        batches create the device and its token together)."""
+        return self._issue(conn, device_type, device_id, 1, ttl, actor)
 
     def _issue(self, conn: Connection, device_type: str, device_id: str | None,
-               max_uses: int, ttl: dt.timedelta, actor: str) -> IssuedToken:
+               max_uses: int, ttl: dt.timedelta, actor: str,
+               owner: str | None = None) -> IssuedToken:
         if not dt.timedelta(minutes=1) <= ttl <= MAX_TTL:
             raise InvalidInput(f"a bootstrap token lives between 1 minute and {MAX_TTL.days} "
                                "days", hint="e.g. --ttl-hours 72")
@@ -101,7 +110,7 @@ class BootstrapTokens:
         token_id = new.token_id
         row = BootstrapRow(token_id=token_id, secret_sha256=new.secret_sha256, device_id=device_id,
                            device_type=device_type, max_uses=max_uses, uses=0,
-                           expires_at=now + ttl, created_at=now, revoked_at=None)
+                           expires_at=now + ttl, created_at=now, revoked_at=None, owner=owner)
         token_rows.insert_token(conn, row)
         self.audit.append(conn, AuditEvent(
             action="bootstrap.token_created", actor=actor,
@@ -111,11 +120,12 @@ class BootstrapTokens:
         return IssuedToken(new.token, token_id, row.expires_at,
                            max_uses)
 
-    def redeem(self, conn: Connection, presented: str, device_id: str) -> Redemption:
+    def redeem(self, conn: Connection, presented: str, device_id: str | None) -> Redemption:
         """Count one use of ``presented`` for ``device_id`` inside ``conn``'s transaction.
 
         The use is undone if the caller's transaction rolls back (e.g. issuance fails),
-        so a refused CSR does not burn the token.
+        so a refused CSR does not burn the token. ``device_id`` None means "the device the
+        token is bound to" (an EST client that sent only a Bearer token).
 
         Raises:
             BootstrapRefused: unknown, wrong, expired, revoked, used-up, or bound to
@@ -134,15 +144,19 @@ class BootstrapTokens:
             raise BootstrapRefused("token revoked", token_id)
         if row.expires_at <= now:
             raise BootstrapRefused("token expired", token_id)
-        if row.device_id is not None and row.device_id != device_id:
+        if row.device_id is not None and device_id is not None and row.device_id != device_id:
             raise BootstrapRefused("token is bound to another device", token_id)
+        resolved = row.device_id or device_id
+        if resolved is None:
+            raise BootstrapRefused("a claim-batch token needs the new device's id (HTTP Basic "
+                                   "user name or the CSR common name)", token_id)
         if not token_rows.consume(conn, token_id, now):
             reason = "token already used" if row.max_uses == 1 else "batch is used up"
             raise BootstrapRefused(reason, token_id)
         self.audit.append(conn, AuditEvent(
-            action="bootstrap.token_used", actor=f"device:{device_id}",
-            target=f"device:{device_id}", details={"token_id": token_id}))
-        return Redemption(token_id, row.device_type, row.device_id)
+            action="bootstrap.token_used", actor=f"device:{resolved}",
+            target=f"device:{resolved}", details={"token_id": token_id}))
+        return Redemption(token_id, resolved, row.device_type, row.device_id, row.owner)
 
     def audit_refusal(self, refused: BootstrapRefused, device_id: str, source: str) -> None:
         """Record a refusal in its own transaction (the enrollment one rolls back)."""

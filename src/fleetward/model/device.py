@@ -46,6 +46,8 @@ class DeviceType:
     description: str = ""
     message_types: tuple[str, ...] = ()
     created_at: dt.datetime | None = None
+    # Certificate profiles (EST labels, RFC 7030 §3.2.2) devices of this type may enroll for.
+    enrollment_profiles: tuple[str, ...] = ("device",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,10 @@ class CertificateRecord:
     revoked_at: dt.datetime | None = None
     revocation_reason: str | None = None
     issued_at: dt.datetime | None = None
+    spki_sha256: str | None = None  # SHA-256 of the SubjectPublicKeyInfo DER
+    csr_sha256: str | None = None  # SHA-256 of the CSR DER it was issued from
+    superseded_by: int | None = None  # serial of the re-enrolled successor
+    revoke_after: dt.datetime | None = None  # end of the re-enrollment overlap
 
     @property
     def status(self) -> CertificateStatus:
@@ -116,6 +122,8 @@ class CertificateRecord:
             "revoked_at": _iso(self.revoked_at),
             "revocation_reason": self.revocation_reason,
             "issued_at": _iso(self.issued_at),
+            "superseded_by": format_serial(self.superseded_by) if self.superseded_by else None,
+            "revoke_after": _iso(self.revoke_after),
         }
         if with_pem:
             out["pem"] = self.pem

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import structlog
+from cryptography import x509
 from sqlalchemy import Connection
 
 from fleetward.audit import AuditLog
@@ -69,10 +70,31 @@ class Registry:
     # --- device types -----------------------------------------------------------------
 
     def create_type(
-        self, name: str, description: str, message_types: list[str], actor: str
+        self,
+        name: str,
+        description: str,
+        message_types: list[str],
+        actor: str,
+        enrollment_profiles: list[str] | None = None,
     ) -> DeviceType:
+        """Create a device type.
+
+        ``enrollment_profiles`` are the certificate profiles its devices may enroll for
+        through EST labels (default: device only; e.g. add ``gateway``).
+
+        Raises:
+            InvalidInput: bad name or unknown/infrastructure profile.
+            Conflict: the name is taken.
+        """
         validate_type_name(name)
-        device_type = DeviceType(name, description, tuple(message_types))
+        profiles = tuple(dict.fromkeys(enrollment_profiles or ["device"]))
+        for profile in profiles:
+            if profile in INFRASTRUCTURE_PROFILES or profile not in self.profiles:
+                allowed = sorted(set(self.profiles) - INFRASTRUCTURE_PROFILES)
+                raise InvalidInput(f"{profile!r} is not a device certificate profile",
+                                   hint=f"use some of: {', '.join(allowed)}")
+        device_type = DeviceType(name, description, tuple(message_types),
+                                 enrollment_profiles=profiles)
         with self.db.transaction() as conn:
             device_rows.insert_type(conn, device_type, self.clock.now())
             self.audit.append(
@@ -81,7 +103,8 @@ class Registry:
                     action="device_type.created",
                     actor=actor,
                     target=f"type:{name}",
-                    details={"message_types": list(message_types)},
+                    details={"message_types": list(message_types),
+                             "enrollment_profiles": list(profiles)},
                 ),
             )
         return device_type
@@ -107,6 +130,21 @@ class Registry:
             NotFound: the device type does not exist.
             Conflict: the id is taken.
         """
+        with self.db.transaction() as conn:
+            return self.register_in(conn, device_id, type_name, owner, labels, actor)
+
+    def register_in(
+        self,
+        conn: Connection,
+        device_id: str,
+        type_name: str,
+        owner: str,
+        labels: Mapping[str, str] | None,
+        actor: str,
+        how: str = "operator",
+    ) -> Device:
+        """``create_device`` inside the caller's transaction (enrollment registers devices
+        just in time, together with their first certificate)."""
         validate_device_id(device_id)
         labels = _validate_labels(labels or {})
         if not owner or len(owner) > 128:
@@ -121,22 +159,21 @@ class Registry:
             created_at=now,
             updated_at=now,
         )
-        with self.db.transaction() as conn:
-            if device_rows.get_type(conn, type_name) is None:
-                raise NotFound(
-                    f"device type {type_name!r} does not exist",
-                    hint=f"create it first: fleetward type add {type_name}",
-                )
-            device_rows.insert_device(conn, device)
-            self.audit.append(
-                conn,
-                AuditEvent(
-                    action="device.created",
-                    actor=actor,
-                    target=f"device:{device_id}",
-                    details={"type": type_name, "owner": owner},
-                ),
+        if device_rows.get_type(conn, type_name) is None:
+            raise NotFound(
+                f"device type {type_name!r} does not exist",
+                hint=f"create it first: fleetward type add {type_name}",
             )
+        device_rows.insert_device(conn, device)
+        self.audit.append(
+            conn,
+            AuditEvent(
+                action="device.created",
+                actor=actor,
+                target=f"device:{device_id}",
+                details={"type": type_name, "owner": owner, "how": how},
+            ),
+        )
         return device
 
     def get_device(self, device_id: str) -> Device:
@@ -229,49 +266,61 @@ class Registry:
             NotFound: no such device.
         """
         try:
-            profile = get_profile(self.profiles, profile_name)
-            if profile.name == "server":
-                raise PolicyViolation(
-                    "server certificates are not issued to devices",
-                    hint="use the device or gateway profile",
-                )
             csr = parse_csr(csr_data)
             with self.db.transaction() as conn:
-                device = _require_device(conn, device_id, for_update=True)
-                if device.state not in ISSUABLE_STATES:
-                    raise PolicyViolation(
-                        f"device {device_id} is {device.state.value}; it cannot get certificates",
-                        hint="only registered, active or quarantined devices can be issued to",
-                    )
-                record = self.authority.issue(
-                    conn,
-                    IssueRequest(
-                        public_key=csr.public_key(), profile=profile, device=device, csr=csr
-                    ),
-                    actor,
-                )
-                if device.state is LifecycleState.REGISTERED:
-                    check_transition(device.state, LifecycleState.ACTIVE)
-                    device_rows.update_state(
-                        conn, device_id, LifecycleState.ACTIVE, self.clock.now()
-                    )
-                    self.audit.append(
-                        conn,
-                        AuditEvent(
-                            action="device.state_changed",
-                            actor=actor,
-                            target=f"device:{device_id}",
-                            details={
-                                "from": "registered",
-                                "to": "active",
-                                "reason": "first certificate issued",
-                            },
-                        ),
-                    )
-            return record
+                return self.issue_in(conn, device_id, csr, profile_name, actor)
         except FleetwardError as exc:
             self._audit_failure("certificate.issue_refused", actor, f"device:{device_id}", exc)
             raise
+
+    def issue_in(
+        self,
+        conn: Connection,
+        device_id: str,
+        csr: x509.CertificateSigningRequest,
+        profile_name: str,
+        actor: str,
+    ) -> CertificateRecord:
+        """``issue_certificate`` inside the caller's transaction; the caller audits refusals.
+
+        Raises:
+            InvalidInput, PolicyViolation: refused by the pipeline or the device's state.
+            NotFound: no such device.
+        """
+        profile = get_profile(self.profiles, profile_name)
+        if profile.name in INFRASTRUCTURE_PROFILES:
+            raise PolicyViolation(
+                f"{profile.name} certificates are not issued to devices",
+                hint="use the device or gateway profile",
+            )
+        device = _require_device(conn, device_id, for_update=True)
+        if device.state not in ISSUABLE_STATES:
+            raise PolicyViolation(
+                f"device {device_id} is {device.state.value}; it cannot get certificates",
+                hint="only registered, active or quarantined devices can be issued to",
+            )
+        record = self.authority.issue(
+            conn,
+            IssueRequest(public_key=csr.public_key(), profile=profile, device=device, csr=csr),
+            actor,
+        )
+        if device.state is LifecycleState.REGISTERED:
+            check_transition(device.state, LifecycleState.ACTIVE)
+            device_rows.update_state(conn, device_id, LifecycleState.ACTIVE, self.clock.now())
+            self.audit.append(
+                conn,
+                AuditEvent(
+                    action="device.state_changed",
+                    actor=actor,
+                    target=f"device:{device_id}",
+                    details={
+                        "from": "registered",
+                        "to": "active",
+                        "reason": "first certificate issued",
+                    },
+                ),
+            )
+        return record
 
     def list_certificates(self, device_id: str | None = None) -> list[CertificateRecord]:
         with self.db.read() as conn:

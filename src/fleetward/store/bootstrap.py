@@ -21,6 +21,7 @@ class BootstrapRow:
     expires_at: dt.datetime
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    owner: str | None = None  # batch tokens: owner of the devices they register
 
 
 def insert_token(conn: Connection, row: BootstrapRow) -> None:

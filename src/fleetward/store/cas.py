@@ -28,6 +28,7 @@ class CARow:
     crl_der: bytes | None
     crl_this_update: dt.datetime | None
     crl_next_update: dt.datetime | None
+    enrollment_approval: bool = False  # OEM CA: new devices wait for an operator
 
 
 def insert_ca(conn: Connection, row: CARow) -> None:

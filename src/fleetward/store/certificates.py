@@ -37,6 +37,8 @@ def insert_certificate(conn: Connection, record: CertificateRecord) -> None:
                     "not_after": record.not_after,
                     "pem": record.pem,
                     "issued_at": record.issued_at,
+                    "spki_sha256": record.spki_sha256,
+                    "csr_sha256": record.csr_sha256,
                 },
             )
     except IntegrityError as exc:
@@ -76,6 +78,57 @@ def list_certificates(
     if limit is not None:
         query = query.limit(limit)
     return [certificate_from_row(r._mapping) for r in conn.execute(query)]
+
+
+def find_by_key(conn: Connection, spki_digest: str) -> list[CertificateRecord]:
+    """Certificates for one public key (SHA-256 of its SPKI), newest first."""
+    rows = conn.execute(
+        select(certificates)
+        .where(certificates.c.spki_sha256 == spki_digest)
+        .order_by(certificates.c.not_after.desc(), certificates.c.serial)
+    )
+    return [certificate_from_row(r._mapping) for r in rows]
+
+
+def find_by_csr(conn: Connection, csr_digest: str) -> CertificateRecord | None:
+    """The newest unrevoked certificate issued from exactly this CSR, if any."""
+    row = conn.execute(
+        select(certificates)
+        .where(certificates.c.csr_sha256 == csr_digest)
+        .where(certificates.c.revoked_at.is_(None))
+        .order_by(certificates.c.issued_at.desc())
+        .limit(1)
+    ).first()
+    return certificate_from_row(row._mapping) if row else None
+
+
+def schedule_supersede(
+    conn: Connection, serial: int, successor: int, revoke_after: dt.datetime
+) -> bool:
+    """Mark ``serial`` as replaced by ``successor``, to be revoked at ``revoke_after``.
+
+    False if it is already revoked or already superseded (a concurrent re-enrollment won).
+    """
+    result = conn.execute(
+        update(certificates)
+        .where(certificates.c.serial == format_serial(serial))
+        .where(certificates.c.revoked_at.is_(None))
+        .where(certificates.c.superseded_by.is_(None))
+        .values(superseded_by=format_serial(successor), revoke_after=revoke_after)
+    )
+    return result.rowcount == 1
+
+
+def due_for_supersede(conn: Connection, now: dt.datetime, limit: int) -> list[CertificateRecord]:
+    """Superseded certificates whose overlap has ended and that are not yet revoked."""
+    rows = conn.execute(
+        select(certificates)
+        .where(certificates.c.revoke_after <= now)
+        .where(certificates.c.revoked_at.is_(None))
+        .order_by(certificates.c.revoke_after)
+        .limit(limit)
+    )
+    return [certificate_from_row(r._mapping) for r in rows]
 
 
 def mark_revoked(conn: Connection, serial: int, at: dt.datetime, reason: str) -> bool:
@@ -120,4 +173,8 @@ def certificate_from_row(row: RowMapping) -> CertificateRecord:
         issued_at=row["issued_at"],
         revoked_at=row["revoked_at"],
         revocation_reason=row["revocation_reason"],
+        spki_sha256=row["spki_sha256"],
+        csr_sha256=row["csr_sha256"],
+        superseded_by=int(row["superseded_by"], 16) if row["superseded_by"] else None,
+        revoke_after=row["revoke_after"],
     )

@@ -21,6 +21,7 @@ def insert_type(conn: Connection, device_type: DeviceType, at: dt.datetime) -> N
                     description=device_type.description,
                     message_types=list(device_type.message_types),
                     created_at=at,
+                    enrollment_profiles=list(device_type.enrollment_profiles),
                 )
             )
     except IntegrityError:
@@ -115,4 +116,5 @@ def _type_from_row(row: RowMapping) -> DeviceType:
         description=row["description"],
         message_types=tuple(row["message_types"] or ()),
         created_at=row["created_at"],
+        enrollment_profiles=tuple(row["enrollment_profiles"] or ("device",)),
     )

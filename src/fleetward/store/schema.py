@@ -78,6 +78,8 @@ cas = Table(
     Column("crl_der", LargeBinary, nullable=True),
     Column("crl_this_update", UTCDateTime, nullable=True),
     Column("crl_next_update", UTCDateTime, nullable=True),
+    # OEM CAs: hold devices registered on first contact until an operator approves them.
+    Column("enrollment_approval", Boolean, nullable=False, default=False),
 )
 
 device_types = Table(
@@ -87,6 +89,8 @@ device_types = Table(
     Column("description", Text, nullable=False, default=""),
     Column("message_types", JSON, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # Certificate profiles devices of this type may enroll for (EST label); NULL = device.
+    Column("enrollment_profiles", JSON, nullable=True),
 )
 
 devices = Table(
@@ -121,7 +125,15 @@ certificates = Table(
     Column("issued_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("revocation_reason", String(32), nullable=True),
+    Column("spki_sha256", String(64), nullable=True),  # finds a certificate by its key
+    Column("csr_sha256", String(64), nullable=True),  # makes factory signing idempotent
+    # Re-enrollment: the newer certificate, and when this one is revoked as superseded.
+    Column("superseded_by", String(40), nullable=True),
+    Column("revoke_after", UTCDateTime, nullable=True),
     Index("ix_certificates_device_id", "device_id"),
+    Index("ix_certificates_spki_sha256", "spki_sha256"),
+    Index("ix_certificates_csr_sha256", "csr_sha256"),
+    Index("ix_certificates_revoke_after", "revoke_after"),
     Index("ix_certificates_ca_name_revoked_at", "ca_name", "revoked_at"),
 )
 
@@ -178,5 +190,22 @@ bootstrap_tokens = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
+    Column("owner", String(128), nullable=True),  # owner of devices a batch registers
     Index("ix_bootstrap_tokens_device_id", "device_id"),
+)
+
+# A device registered from a manufacturer certificate (IEEE 802.1AR IDevID): which
+# IDevID and OEM CA it came from, and whether an operator must approve it first.
+oem_bindings = Table(
+    "oem_bindings",
+    metadata,
+    Column("idevid_sha256", String(64), primary_key=True),
+    Column("device_id", String(128), ForeignKey("devices.id"), nullable=False, unique=True),
+    Column("ca_name", String(64), ForeignKey("cas.name"), nullable=False),
+    Column("idevid_subject", Text, nullable=False),
+    Column("approval", String(16), nullable=False),  # none | pending | approved | rejected
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("decided_at", UTCDateTime, nullable=True),
+    Column("decided_by", String(200), nullable=True),
+    Index("ix_oem_bindings_approval", "approval"),
 )

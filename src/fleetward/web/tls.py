@@ -9,6 +9,9 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from aiohttp import web
+from cryptography import x509
+
 # ECDHE + AEAD only for TLS 1.2; TLS 1.3 suites are fixed by OpenSSL and all AEAD.
 TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -33,3 +36,18 @@ def server_context(cert_file: Path, key_file: Path, password: bytes | None = Non
         ctx.load_verify_locations(cafile=str(client_ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The client certificate of this connection, if the client sent one.
+
+    OpenSSL has verified its chain to a CA in the listener's trust store (ours or a
+    registered OEM CA) and its validity period, nothing more: revocation and the
+    device's lifecycle state are NOT checked here, so a route that grants anything must
+    check both.
+    """
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
