@@ -201,6 +201,27 @@ def test_reenrollment_with_curl_cert_and_key_supersedes_after_overlap(
     assert status == 403 and b"revoked" in body
 
 
+def test_a_lost_reenrollment_answer_is_resent_for_the_same_key(est: RunningServer,
+                                                               tmp_path: Path) -> None:
+    old_cert, old_key = enroll_with_curl(est, tmp_path, "curl-lost")
+    csr, _ = openssl_csr(tmp_path, "curl-lost-2", None)
+    first = post_csr(est, csr, "--cert", str(old_cert), "--key", str(old_key),
+                     operation="simplereenroll")
+    # The answer was lost; the device still holds the old certificate and retries.
+    again = post_csr(est, csr, "--cert", str(old_cert), "--key", str(old_key),
+                     operation="simplereenroll")
+    assert first[0] == again[0] == 200
+    assert serial_of(certs_from(first[1], tmp_path, "lost-1")) == serial_of(
+        certs_from(again[1], tmp_path, "lost-2"))
+    # A CSR for any other key is a second identity, and refused.
+    other, _ = openssl_csr(tmp_path, "curl-lost-3", None)
+    status, body = post_csr(est, other, "--cert", str(old_cert), "--key", str(old_key),
+                            operation="simplereenroll")
+    assert status == 403 and b"already replaced" in body
+    with est.admin() as client:
+        assert len(client.get("/v1/devices/curl-lost/certificates").json()["items"]) == 2
+
+
 # --- acceptance 4: the attack table over the wire --------------------------------------
 
 

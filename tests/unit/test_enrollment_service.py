@@ -213,6 +213,39 @@ def test_a_superseded_certificate_cannot_fork_the_identity(stack: Stack,
                          attempt=ATTEMPT)
 
 
+def test_lost_reenrollment_response_is_resent_not_reissued(stack: Stack,
+                                                           service: EnrollmentService) -> None:
+    old = enrolled(service, stack, "re-lost", new_key())
+    rotated = new_key()
+    first = service.reenroll(current=old, csr_data=csr_for(rotated, None), label=None,
+                             attempt=ATTEMPT)
+    before = count(stack, certificates)
+    # The response never arrived: the device retries with its old certificate, same new key.
+    again = service.reenroll(current=old, csr_data=csr_for(rotated, None), label=None,
+                             attempt=ATTEMPT)
+    assert first.record is not None and again.record is not None
+    assert again.record.serial == first.record.serial
+    assert count(stack, certificates) == before
+    with stack.db.read() as conn:
+        details = conn.execute(select(audit_events.c.details)
+                               .where(audit_events.c.action == "enroll.succeeded")
+                               .order_by(audit_events.c.seq.desc())).scalars().first()
+    assert details is not None and json.loads(details)["resent"] is True
+
+
+def test_lost_same_key_renewal_of_an_expired_certificate_is_resent(
+        stack: Stack, service: EnrollmentService) -> None:
+    key = new_key()
+    old = enrolled(service, stack, "re-exp-lost", key)
+    stack.clock.advance(old.not_valid_after_utc - stack.clock.now() + DAY)
+    first = service.reenroll(current=None, csr_data=csr_for(key, None), label=None,
+                             attempt=ATTEMPT)
+    again = service.reenroll(current=None, csr_data=csr_for(key, None), label=None,
+                             attempt=ATTEMPT)
+    assert first.record is not None and again.record is not None
+    assert again.record.serial == first.record.serial
+
+
 def test_expired_certificate_reenrolls_with_same_key_inside_grace(
         stack: Stack, service: EnrollmentService) -> None:
     key = new_key()

@@ -48,6 +48,7 @@ from fleetward.model import (
     ISSUABLE_STATES,
     AuditEvent,
     CertificateRecord,
+    format_serial,
     validate_device_id,
 )
 from fleetward.registry import Registry
@@ -275,8 +276,13 @@ class EnrollmentService:
                     state = device.state.value if device else "unknown"
                     raise EnrollmentRefused(f"device {claimed} is {state}; it cannot re-enroll",
                                             hint="only active or quarantined devices re-enroll")
-                profile = self._allowed_profile(conn, claimed, label or old.profile)
                 actor = f"device:{claimed}"
+                if old.superseded_by is not None:
+                    resent = self._resent_successor(conn, old, csr)
+                    self._audit_success(conn, attempt, claimed, resent,
+                                        {"previous_serial": old.serial_hex, "resent": True})
+                    return EnrollmentResult(claimed, resent)
+                profile = self._allowed_profile(conn, claimed, label or old.profile)
                 record = self.registry.issue_in(conn, claimed, csr, profile, actor)
                 self._supersede(conn, old, record, actor)
                 self._audit_success(conn, attempt, claimed, record,
@@ -286,6 +292,26 @@ class EnrollmentService:
         except FleetwardError as exc:
             self.audit_refusal(attempt, claimed, exc.message, None)
             raise
+
+    def _resent_successor(self, conn: Connection, old: CertificateRecord,
+                          csr: x509.CertificateSigningRequest) -> CertificateRecord:
+        """The certificate that already replaced ``old``, if the CSR proves its key.
+
+        A device whose re-enrollment response was lost still holds only ``old`` and retries
+        with the same new key (RFC 7030 §4.2.2 leaves retries to the client). It gets the
+        same certificate back and nothing new is issued; a CSR for any other key is a fork
+        of the identity and is refused.
+        """
+        successor = (cert_rows.get_certificate(conn, old.superseded_by)
+                     if old.superseded_by is not None else None)
+        if (successor is None or successor.revoked_at is not None
+                or successor.spki_sha256 != spki_sha256(csr.public_key())):
+            raise EnrollmentRefused(
+                f"certificate {old.serial_hex} was already replaced by "
+                f"{format_serial(old.superseded_by or 0)}",
+                hint="re-enroll with the newest certificate (or resend the CSR of the key "
+                     "that replaced it)")
+        return successor
 
     def _current_certificate(self, conn: Connection,
                              cert: x509.Certificate) -> CertificateRecord:
@@ -301,7 +327,7 @@ class EnrollmentService:
         if record is None or record.fingerprint_sha256 != fingerprint_sha256(cert):
             raise Unauthenticated("this certificate is not in the registry",
                                   hint="enroll with a bootstrap token first")
-        self._check_usable(record)
+        self._check_usable(record, allow_superseded=True)
         now = self.clock.now()
         if record.not_after <= now:  # the TLS layer checks this too; belt and braces
             raise EnrollmentRefused("the certificate has expired",
@@ -323,6 +349,12 @@ class EnrollmentService:
                      "with a CSR signed by that certificate's key")
         newest = candidates[0]
         now = self.clock.now()
+        # A same-key renewal whose response was lost: the expired predecessor points at
+        # ``newest``; hand it back to the caller via the superseded path.
+        for older in candidates[1:]:
+            if older.superseded_by == newest.serial and older.revoked_at is None:
+                self._check_usable(older, allow_superseded=True)
+                return older
         if newest.not_after > now:
             raise Unauthenticated(
                 "this key's certificate is still valid: present it over TLS",
@@ -337,7 +369,7 @@ class EnrollmentService:
         return newest
 
     @staticmethod
-    def _check_usable(record: CertificateRecord) -> None:
+    def _check_usable(record: CertificateRecord, *, allow_superseded: bool = False) -> None:
         if record.device_id is None or record.profile in {"ca", "server"}:
             raise Unauthenticated("this certificate does not belong to a device")
         if record.revoked_at is not None:
@@ -345,7 +377,7 @@ class EnrollmentService:
                                     f"({record.revocation_reason})",
                                     hint="a revoked certificate cannot re-enroll; ask the "
                                          "operator for a bootstrap token")
-        if record.superseded_by is not None:
+        if record.superseded_by is not None and not allow_superseded:
             raise EnrollmentRefused(
                 f"certificate {record.serial_hex} was already replaced by "
                 f"{record.superseded_by:x}",
