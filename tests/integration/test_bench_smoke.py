@@ -135,3 +135,38 @@ def test_rejects_a_non_positive_count(flag: str) -> None:
     result = run_bench(flag, "0")
     assert result.returncode == 2
     assert "at least 1" in result.stderr
+
+
+ENROLL_BENCH = REPO / "bench" / "enroll.py"
+EST_LINE = re.compile(
+    r"^est: (\d+) enrollments/s \(wall\), (\d+) per server-CPU-s  \[N=(\d+), (\d+) clients, "
+    r"TLS 1\.3 full handshake, HTTP Basic token, JIT registration, SQLite WAL\]$", re.MULTILINE)
+EST_RATIO_LINE = re.compile(rf"^ratio est/pipeline: {NUMBER}$", re.MULTILINE)
+
+
+def test_enroll_bench_runs_a_real_server_and_checks_what_it_stored() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ENROLL_BENCH), "--count", "20", "--pipeline-count", "20",
+         "--warmup", "2", "--clients", "2", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["est"]["count"] == 20 and report["pipeline"]["count"] == 20
+    assert report["checks"] == {"responses_checked": 20, "certificates_stored": 20,
+                                "enroll_audit_events": 20, "devices_active": 20}
+    assert report["ratio_wall"] == pytest.approx(
+        report["est"]["certs_per_second_wall"] / report["pipeline"]["certs_per_second_wall"],
+        rel=0.01)
+
+
+def test_enroll_bench_text_output_has_the_documented_lines() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ENROLL_BENCH), "--count", "10", "--pipeline-count", "10",
+         "--warmup", "1", "--clients", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    est, ratio = EST_LINE.search(result.stdout), EST_RATIO_LINE.search(result.stdout)
+    reference = re.search(r"^pipeline: (\d+) certs/s \(wall\), (\d+) certs/CPU-s  "
+                          r"\[N=10, in process, no HTTP\]$", result.stdout, re.MULTILINE)
+    assert est and ratio and reference, f"output format drifted:\n{result.stdout}"
+    assert est.group(3) == "10" and est.group(4) == "1"

@@ -340,6 +340,7 @@ def test_malformed_requests_get_problem_details(est: RunningServer, content_type
                                                 body: bytes, status: int) -> None:
     add_device(est, f"atk-bad-{status}-{len(body)}")
     token = device_token(est, f"atk-bad-{status}-{len(body)}")
+    refused_before = len(refused_reasons(est))
     with httpx.Client(verify=est.tls()) as client:
         response = client.post(url(est, "simpleenroll"), content=body,
                                headers={"Content-Type": content_type},
@@ -347,6 +348,7 @@ def test_malformed_requests_get_problem_details(est: RunningServer, content_type
     assert response.status_code == status
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.json()["detail"]
+    assert len(refused_reasons(est)) == refused_before + 1  # audited, even this early
 
 
 def test_unknown_label_is_refused(est: RunningServer, tmp_path: Path) -> None:
