@@ -80,6 +80,64 @@ class EnrollConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttConfig:
+    # Larger packets are refused (MQTT 5 §3.1.2.11.4 Maximum Packet Size; DISCONNECT 0x95).
+    max_packet_size_bytes: int = 262144
+    # AWS IoT Core allows 256 bytes; the spec allows 65535. Longer topics are malformed.
+    max_topic_bytes: int = 1024
+    max_topic_levels: int = 16
+    # Keep Alive above this is lowered with Server Keep Alive (MQTT 5 §3.2.2.3.14).
+    max_keepalive_seconds: int = 1200
+    max_session_expiry_seconds: int = 604800  # a week of offline QoS 1 messages at most
+    # Receive Maximum we announce and the in-flight QoS 1 window we use towards clients.
+    max_inflight_messages: int = 64
+    max_queued_messages: int = 1000  # per session; beyond it QoS 1 messages are dropped
+    max_subscriptions_per_session: int = 64
+    max_retained_messages: int = 100000  # whole server; beyond it new retains are refused
+    connect_timeout_seconds: int = 10  # TLS + CONNECT must finish within this
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigurationError(f"[mqtt] {f.name} must be positive",
+                                         hint="remove the key to use the default")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceApiConfig:
+    max_message_bytes: int = 65536  # one telemetry record or event, JSON text
+    long_poll_max_seconds: int = 30  # GET /v1/commands?wait= is capped at this
+    command_ttl_seconds: int = 86400  # undelivered commands expire after this
+    max_pending_commands: int = 100  # per device; more are refused (HTTP 429)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigurationError(f"[device_api] {f.name} must be positive",
+                                         hint="remove the key to use the default")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    sql: bool = True  # the device_messages table
+    nats_url: str = ""  # e.g. nats://127.0.0.1:4222; empty = no NATS JetStream sink
+    nats_stream: str = "FLEETWARD_MESSAGES"
+    nats_subject_prefix: str = "fleetward"
+    # Messages are written in batches; a QoS 1 PUBACK waits for its batch.
+    batch_max_messages: int = 500
+    batch_max_delay_ms: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    # How often each node reads control-plane changes (revocations, state changes,
+    # policy edits) written by other nodes; the local node applies its own at once.
+    change_poll_ms: int = 250
+    # Refusals of the same peer/device are audited at most once per this window.
+    refusal_audit_window_seconds: int = 60
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     url: str = ""  # empty = SQLite file in the data dir
     # True when the URL carries a password: it then lives only in FLEETWARD_DATABASE_URL.
@@ -93,6 +151,10 @@ class Settings:
     ca: CAConfig = field(default_factory=CAConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    device_api: DeviceApiConfig = field(default_factory=DeviceApiConfig)
+    sinks: SinkConfig = field(default_factory=SinkConfig)
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
 
     @property
     def database_url(self) -> str:
@@ -116,6 +178,10 @@ _SECTIONS: dict[str, type[Any]] = {
     "ca": CAConfig,
     "database": DatabaseConfig,
     "enroll": EnrollConfig,
+    "mqtt": MqttConfig,
+    "device_api": DeviceApiConfig,
+    "sinks": SinkConfig,
+    "channel": ChannelConfig,
 }
 
 # Environment overrides that operators expect by name.
@@ -123,6 +189,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "FLEETWARD_DATABASE_URL": ("database", "url"),
     "FLEETWARD_PUBLIC_URL": ("listeners", "public_url"),
     "FLEETWARD_HOST": ("listeners", "host"),
+    "FLEETWARD_NATS_URL": ("sinks", "nats_url"),
 }
 
 

@@ -209,3 +209,61 @@ oem_bindings = Table(
     Column("decided_by", String(200), nullable=True),
     Index("ix_oem_bindings_approval", "approval"),
 )
+
+# --- secure channel (issue 4) ---------------------------------------------------------
+
+# Policy documents (AWS-IoT-style statements), attached to device types and devices.
+policies = Table(
+    "policies",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("document", JSON, nullable=False),  # the validated document, as stored
+    Column("version", Integer, nullable=False),  # +1 on every put
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+policy_attachments = Table(
+    "policy_attachments",
+    metadata,
+    Column("policy_name", String(64), ForeignKey("policies.name"), primary_key=True),
+    Column("target_kind", String(8), primary_key=True),  # type | device
+    Column("target", String(128), primary_key=True),  # type name or device id
+    Column("attached_at", UTCDateTime, nullable=False),
+    Index("ix_policy_attachments_target_kind", "target_kind", "target"),
+)
+
+# The SQL sink: accepted telemetry and events, one row per message.
+device_messages = Table(
+    "device_messages",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("device_id", String(128), nullable=False),
+    Column("device_type", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # telemetry | event
+    Column("message_type", String(64), nullable=False),
+    Column("channel", String(8), nullable=False),  # mqtt | https
+    Column("topic", Text, nullable=True),  # MQTT topic, when it came over MQTT
+    Column("payload", JSON, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Index("ix_device_messages_device_id", "device_id", "received_at"),
+)
+
+# Commands to devices: queued by operators, delivered over MQTT or the HTTPS long-poll.
+device_commands = Table(
+    "device_commands",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device_id", String(128), ForeignKey("devices.id"), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # pending|delivered|succeeded|failed|expired
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("result", JSON, nullable=True),
+    Index("ix_device_commands_device_id", "device_id", "status"),
+)
