@@ -161,6 +161,7 @@ class RunningServer:
     chain: Path
     process: subprocess.Popen[bytes]
     log_file: Path
+    mqtt_port: int = 0
 
     def env(self) -> dict[str, str]:
         """Environment for CLI subprocesses on the 'server host'."""
@@ -196,6 +197,7 @@ def start_server(data_dir: Path, extra_init: list[str] | None = None,
     ``{"enroll": {"reenroll_overlap_seconds": 2}}``.
     """
     public_port, admin_port, device_port = free_port(), free_port(), free_port()
+    mqtt_port = free_port()
     public_url = f"http://127.0.0.1:{public_port}"
     env = dict(env or os.environ)
     subprocess.run([*FLEETWARD, "init", "--data-dir", str(data_dir), "--public-url", public_url,
@@ -210,13 +212,15 @@ def start_server(data_dir: Path, extra_init: list[str] | None = None,
     log = log_file.open("wb")
     process = subprocess.Popen(
         [*FLEETWARD, "serve", "--data-dir", str(data_dir), "--public-port", str(public_port),
-         "--admin-port", str(admin_port), "--device-port", str(device_port)],
+         "--admin-port", str(admin_port), "--device-port", str(device_port),
+         "--mqtt-port", str(mqtt_port)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(
         data_dir=data_dir, public_url=public_url, admin_url=f"https://localhost:{admin_port}",
         public_port=public_port, admin_port=admin_port, device_port=device_port,
         token=(data_dir / "secrets" / "admin-token").read_text().strip(),
-        chain=data_dir / "certs" / "chain.pem", process=process, log_file=log_file)
+        chain=data_dir / "certs" / "chain.pem", process=process, log_file=log_file,
+        mqtt_port=mqtt_port)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -65,13 +65,18 @@ from fleetward.crypto.signer import (
     write_private_file,
 )
 from fleetward.crypto.x509util import load_certificate
+from fleetward.edge.channel import Admission, LiveConnections
 from fleetward.edge.device import build_device_app
 from fleetward.edge.est import EstEndpoints
+from fleetward.edge.gate import LocalChanges, TrustGate
+from fleetward.edge.hooks import AuditWriter, ChannelHooks, flush_last_seen
+from fleetward.edge.mqtt.server import MqttServer
 from fleetward.edge.public import PublicEndpoints, build_public_app
 from fleetward.enroll import BootstrapTokens, EnrollmentService
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
 from fleetward.model import DeviceType, Role
 from fleetward.registry import Registry
+from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import cas as ca_rows
 from fleetward.store import devices as device_rows
@@ -82,6 +87,7 @@ log = structlog.get_logger("fleetward.server")
 
 DEFAULT_DEVICE_TYPE = "default"
 CRL_CHECK_INTERVAL_SECONDS = 60
+LAST_SEEN_FLUSH_SECONDS = 5  # devices.last_seen_at is written in batches this often
 OEM_TRUST_REFRESH_SECONDS = 5  # a newly registered OEM CA is trusted by TLS within this
 _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
 
@@ -346,10 +352,18 @@ class Node:
         self.bootstrap = BootstrapTokens(self.db, self.audit, self.clock)
         self.enrollment = EnrollmentService(self.db, self.registry, self.bootstrap, self.audit,
                                             self.clock, settings.enroll)
+        self.policies = PolicyService(self.db, self.audit, self.clock)
         # One writer thread: SQL writes are serialised in-process and never block the loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetward-db")
         self.public_executor = ThreadPoolExecutor(max_workers=2,
                                                   thread_name_prefix="fleetward-public")
+        self.live = LiveConnections()
+        self.local_changes = LocalChanges()
+        self.audit.on_append = self.local_changes.noted
+        self.db.on_commit = self.local_changes.committed
+        self.audit_writer = AuditWriter(self.db, self.audit, self.executor)
+        self.gate = TrustGate(self.db, [self.authority.issuing.certificate], self.policies,
+                              self.live, settings.channel, self.clock, self.audit_writer.submit)
         self._trusted_oem: set[str] = set()
 
     def refresh_crls(self) -> list[str]:
@@ -360,18 +374,22 @@ class Node:
         return build_admin_app(AdminServices(
             db=self.db, registry=self.registry, tokens=self.tokens, authority=self.authority,
             audit=self.audit, clock=self.clock, executor=self.executor,
-            bootstrap=self.bootstrap, enrollment=self.enrollment))
+            bootstrap=self.bootstrap, enrollment=self.enrollment, policies=self.policies))
 
     def public_app(self) -> web.Application:
         # Its own threads: OCSP signing and CRL reads must not queue behind admin writes
         # (and a flood of OCSP requests must not stall the admin API).
         return build_public_app(PublicEndpoints(self.db, self.authority, self.public_executor))
 
-    def tls_context(self, *, device_clients: bool) -> Any:
-        """Server TLS; only the device listener asks for (optional) client certificates."""
+    def tls_context(self, *, device_clients: bool, require_client_cert: bool = False) -> Any:
+        """Server TLS; the device listeners ask for client certificates (optional on
+        HTTPS, where EST bootstrap enrollment has none; required on MQTT)."""
         ctx = server_context(self.layout.server_cert_file, self.layout.server_key_file,
                              self.passphrase,
-                             client_ca_file=self.layout.chain_file if device_clients else None)
+                             client_ca_file=self.layout.chain_file if device_clients else None,
+                             require_client_cert=require_client_cert)
+        if require_client_cert:
+            return ctx  # MQTT: our CA chain only; OEM certificates only ever enroll
         if device_clients:
             # A registered OEM CA may be an intermediate of the manufacturer's hierarchy:
             # it is then the trust anchor for its IDevIDs (RFC 5280 §6.1.1 lets the
@@ -411,7 +429,18 @@ class Node:
             # Audited off the loop, on the writer thread, like every other audit write.
             loop.run_in_executor(self.executor, self.enrollment.audit_tls_refusal, address,
                                  reason)
+        # The caches must be loaded before the first device connects (until then the
+        # gate refuses everyone with "server unavailable": fail closed).
+        await loop.run_in_executor(self.public_executor, self.gate.load)
+        hooks = ChannelHooks(_accept_everything, self.audit_writer, self.clock,
+                             self.settings.channel.refusal_audit_window_seconds)
+        mqtt_server = MqttServer(self.gate, self.live, hooks, self.settings.mqtt,
+                                 self.tls_context(device_clients=True, require_client_cert=True),
+                                 self.clock)
         try:
+            await mqtt_server.start(listeners.host, listeners.mqtt_port)
+            log.info("listening", listener="mqtt", host=listeners.host,
+                     port=listeners.mqtt_port, tls=True)
             for app, port, ssl_ctx, name in sites:
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
@@ -427,9 +456,11 @@ class Node:
                          tls=ssl_ctx is not None)
             # CLI commands on this host find the admin API through this file.
             write_admin_url(self.layout, listeners)
-            log.info("MQTT listener arrives with the secure-channel issue; port reserved",
-                     mqtt_port=listeners.mqtt_port)
             tasks = self._background_jobs(stop, device_tls)
+            tasks.append(asyncio.create_task(self._watch_control_plane(stop, self.gate)))
+            tasks.append(asyncio.create_task(self._every(
+                stop, LAST_SEEN_FLUSH_SECONDS, "last-seen", self.executor,
+                lambda: flush_last_seen(self.db, hooks.take_last_seen()))))
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -437,11 +468,40 @@ class Node:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:
+            await mqtt_server.stop()
             for runner in runners:
                 await runner.cleanup()
             self.executor.shutdown(wait=True)
             self.public_executor.shutdown(wait=True)
             self.db.dispose()
+
+    async def _watch_control_plane(self, stop: asyncio.Event, gate: TrustGate) -> None:
+        """Apply control-plane changes (from any node) to the caches and live connections.
+
+        The read runs on a worker thread; ``apply`` runs here, on the loop that owns the
+        connections. A failed read is logged and retried: the caches keep their last
+        state (revocations already applied stay applied).
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.settings.channel.change_poll_ms / 1000
+        wake = asyncio.Event()
+
+        def wake_up() -> None:  # on the committing thread
+            loop.call_soon_threadsafe(wake.set)
+        self.local_changes.bind(wake_up)
+        while not stop.is_set():
+            try:
+                update = await loop.run_in_executor(self.public_executor, gate.poll)
+                if not update.empty:
+                    gate.apply(update)
+                gate.close_expired()
+            except FleetwardError as exc:
+                log.error("control-plane watch failed", error=exc.message)
+            except Exception:
+                log.exception("control-plane watch failed unexpectedly")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval)
+            wake.clear()
 
     async def _every(self, stop: asyncio.Event, seconds: float, name: str,
                      executor: ThreadPoolExecutor, job: Callable[[], Any]) -> None:
@@ -479,6 +539,11 @@ class Node:
             (OEM_TRUST_REFRESH_SECONDS, "oem-trust", self.public_executor, trust_oem_cas)]
         return [asyncio.create_task(self._every(stop, seconds, name, executor, job))
                 for seconds, name, executor, job in jobs]
+
+
+async def _accept_everything(admission: Admission, topic: str, payload: bytes, qos: int,
+                             retain: bool) -> int | None:
+    return None  # INTERIM until the ingest lands
 
 
 def serve(data_dir: Path, listeners: ListenerConfig | None) -> None:

@@ -120,6 +120,8 @@ class Target:
     tag: str
     bootstrap_token_id: str
     pending: Callable[[], str]  # makes a device whose enrollment waits for approval
+    # Makes a fresh policy, attached to the given device if one is named.
+    policy: Callable[[str | None], str] | None = None
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,8 @@ def pending_enrollments(server: RunningServer,
 
 
 @pytest.fixture
-def target(server: RunningServer, pending_enrollments: Callable[[], str]) -> Target:
+def target(server: RunningServer, pending_enrollments: Callable[[], str],
+           policies_on_demand: Callable[[str | None], str]) -> Target:
     """A registered device with one valid certificate and a bootstrap token, and a spare
     operator token."""
     tag = secrets.token_hex(4)
@@ -160,7 +163,27 @@ def target(server: RunningServer, pending_enrollments: Callable[[], str]) -> Tar
         bootstrap = admin.post(f"/v1/devices/{device_id}/bootstrap-tokens", json={})
         assert bootstrap.status_code == 201, bootstrap.text
     return Target(device_id, issued.json()["serial"], token_id, tag,
-                  bootstrap.json()["token_id"], pending_enrollments)
+                  bootstrap.json()["token_id"], pending_enrollments, policies_on_demand)
+
+
+@pytest.fixture(scope="module")
+def policies_on_demand(server: RunningServer) -> Callable[[str | None], str]:
+    """Policies made for the policy routes, so that each request names a real one."""
+    def make(attach_to_device: str | None) -> str:
+        name = f"rbac-policy-{secrets.token_hex(4)}"
+        with server.admin() as admin:
+            created = admin.put(f"/v1/policies/{name}", json=PLAUSIBLE_POLICY)
+            assert created.status_code == 201, created.text
+            if attach_to_device is not None:
+                attached = admin.post(f"/v1/policies/{name}/attachments",
+                                      json={"device": attach_to_device})
+                assert attached.status_code == 201, attached.text
+        return name
+    return make
+
+
+PLAUSIBLE_POLICY = {"statements": [{"sid": "connect", "effect": "allow",
+                                    "actions": ["mqtt:connect"], "resources": ["${device.id}"]}]}
 
 
 # Plausible requests, so that a refusal is due to the role and not to a bad request:
@@ -190,6 +213,12 @@ PLAUSIBLE_BODIES: dict[tuple[str, str], Callable[[Target], dict[str, Any] | None
     ("POST", "/v1/factory/tokens"): lambda t: {
         "type": "default", "count": 2, "owner": "acme", "id_prefix": f"rbac-{t.tag}-",
         "ttl_hours": 24},
+    ("PUT", "/v1/policies/{name}"): lambda t: PLAUSIBLE_POLICY,
+    ("DELETE", "/v1/policies/{name}"): lambda t: None,
+    ("POST", "/v1/policies/{name}/attachments"): lambda t: {"device": t.device_id},
+    ("DELETE", "/v1/policies/{name}/attachments"): lambda t: None,
+    ("POST", "/v1/policies/test"): lambda t: {
+        "device_id": t.device_id, "action": "mqtt:connect", "resource": t.device_id},
     ("POST", "/v1/factory/sign"): lambda t: {
         "type": "default", "device_id": f"rbac-factory-{t.tag}", "csr_pem": csr_pem(),
         "owner": "acme"},
@@ -222,7 +251,13 @@ def plausible_request(route: Route, t: Target) -> tuple[str, dict[str, Any] | No
             pytest.fail(f"{route_id(route)}: teach plausible_request the path parameter {name}")
         return fill[name]
 
-    path = re.sub(r"\{(\w+)\}", param, route.path)
+    query = ""
+    if route.path.startswith("/v1/policies/{name}") and t.policy is not None:
+        # Detaching needs an attachment to remove; everything else a policy that exists.
+        detach = route.method == "DELETE" and route.path.endswith("/attachments")
+        fill["name"] = t.policy(t.device_id if detach else None)
+        query = f"?device={t.device_id}" if detach else ""
+    path = re.sub(r"\{(\w+)\}", param, route.path) + query
     build = PLAUSIBLE_BODIES.get((route.method, route.path))
     return path, build(t) if build else schema_body(route.body)
 
@@ -231,7 +266,7 @@ def snapshot(admin: httpx.Client, t: Target) -> dict[str, Any]:
     """Everything a wrongly allowed write could change."""
     paths = [f"/v1/devices/{t.device_id}", f"/v1/certificates/{t.serial}",
              f"/v1/devices/{t.device_id}/certificates", "/v1/operators", "/v1/device-types",
-             "/v1/devices?limit=1000", "/v1/ca"]
+             "/v1/devices?limit=1000", "/v1/ca", "/v1/policies"]
     state = {}
     for path in paths:
         response = admin.get(path)
@@ -251,10 +286,14 @@ REFUSALS = [pytest.param(role, route, id=f"{role.value}-{route_id(route)}")
             for role, route in REFUSED]
 
 
+# POSTs that only compute an answer (they need a body, not a write): open to auditors.
+READ_ONLY_POSTS = {"POST /v1/policies/test"}
+
+
 def test_the_auditor_role_is_read_only_in_the_route_table() -> None:
     """A write route given Role.AUDITOR by mistake would be open to every auditor token."""
     refused = {route_id(r) for role, r in REFUSED if role is Role.AUDITOR}
-    writes = {route_id(r) for r in PROTECTED if r.method != "GET"}
+    writes = {route_id(r) for r in PROTECTED if r.method != "GET"} - READ_ONLY_POSTS
     assert writes and writes <= refused
     assert "POST /v1/operators" in refused and "POST /v1/ca/oem" in refused
     operator_refused = {route_id(r) for role, r in REFUSED if role is Role.OPERATOR}
@@ -285,7 +324,7 @@ def test_under_privileged_token_is_refused_audited_and_changes_nothing(
     event = forbidden[0]
     assert event["outcome"] == "failure"
     assert event["actor"] == f"operator:{tokens.names[role]}"
-    assert event["target"] == path
+    assert event["target"] == path.split("?")[0]  # the audit names the path, not the query
     assert event["details"] == {"method": route.method, "role": role.value,
                                 "needed": route.role.value}  # type: ignore[union-attr]
 

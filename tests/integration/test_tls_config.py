@@ -1,4 +1,5 @@
-"""The shared TLS configuration, checked with `openssl s_client` against the admin listener.
+"""The shared TLS configuration, checked with `openssl s_client` against the admin,
+device HTTPS and MQTT listeners.
 
 Each refusal has a negative control: the same client command succeeds against an
 `openssl s_server` that does allow the weak setting, so a client that refuses by itself
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningServer, free_port
+from tests.integration.channel_helpers import DeviceIdentity, make_device
 
 
 def s_client(port: int, *args: str, ca: Path) -> subprocess.CompletedProcess[str]:
@@ -46,36 +48,59 @@ def weak_server(server: RunningServer) -> Iterator[int]:
     process.wait(5)
 
 
+@pytest.fixture(scope="module")
+def device(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> DeviceIdentity:
+    return make_device(server, tmp_path_factory.mktemp("tls-device"), "tls-device")
+
+
+LISTENERS = ["admin", "device", "mqtt"]
+
+
+def listener_args(server: RunningServer, device: DeviceIdentity,
+                  listener: str) -> tuple[int, list[str]]:
+    """Port and client-certificate flags: the MQTT listener requires a certificate."""
+    if listener == "mqtt":
+        return server.mqtt_port, ["-cert", str(device.cert), "-key", str(device.key)]
+    return (server.admin_port if listener == "admin" else server.device_port), []
+
+
 LEGACY = [("tls1", ["-tls1"]), ("tls1_1", ["-tls1_1"])]
 
 
-@pytest.mark.parametrize("listener", ["admin", "device"])
+@pytest.mark.parametrize("listener", LISTENERS)
 @pytest.mark.parametrize(("name", "flags"), LEGACY, ids=[n for n, _ in LEGACY])
 def test_legacy_protocol_versions_are_refused(server: RunningServer, weak_server: int,
-                                              name: str, flags: list[str], listener: str) -> None:
-    args = [*flags, "-cipher", "DEFAULT:@SECLEVEL=0"]
-    port = server.admin_port if listener == "admin" else server.device_port
+                                              device: DeviceIdentity, name: str,
+                                              flags: list[str], listener: str) -> None:
+    port, cert_args = listener_args(server, device, listener)
+    args = [*flags, "-cipher", "DEFAULT:@SECLEVEL=0", *cert_args]
     assert not handshake_ok(s_client(port, *args, ca=server.chain))
     if name == "tls1_1":  # negative control: this client really speaks TLS 1.1
         assert handshake_ok(s_client(weak_server, *args, ca=server.chain))
 
 
-@pytest.mark.parametrize("listener", ["admin", "device"])
+@pytest.mark.parametrize("listener", LISTENERS)
 def test_tls12_non_aead_cipher_is_refused(server: RunningServer, weak_server: int,
-                                          listener: str) -> None:
+                                          device: DeviceIdentity, listener: str) -> None:
     # ECDSA certificate, so offer an ECDSA-compatible CBC suite (ARCHITECTURE §4a).
-    args = ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]
-    port = server.admin_port if listener == "admin" else server.device_port
+    port, cert_args = listener_args(server, device, listener)
+    args = ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA", *cert_args]
     assert not handshake_ok(s_client(port, *args, ca=server.chain))
     assert handshake_ok(s_client(weak_server, *args, ca=server.chain))
 
 
-def test_tls12_ecdhe_aead_and_tls13_are_accepted(server: RunningServer) -> None:
-    tls12 = s_client(server.admin_port, "-tls1_2", ca=server.chain)
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_tls12_ecdhe_aead_and_tls13_are_accepted(server: RunningServer, device: DeviceIdentity,
+                                                 listener: str) -> None:
+    port, cert_args = listener_args(server, device, listener)
+    tls12 = s_client(port, "-tls1_2", *cert_args, ca=server.chain)
     assert handshake_ok(tls12) and "ECDHE-ECDSA-AES" in tls12.stdout and "GCM" in tls12.stdout
-    tls13 = s_client(server.admin_port, "-tls1_3", ca=server.chain)
+    tls13 = s_client(port, "-tls1_3", *cert_args, ca=server.chain)
     assert handshake_ok(tls13) and "TLSv1.3" in tls13.stdout
 
 
-def test_default_handshake_prefers_tls13(server: RunningServer) -> None:
-    assert "TLSv1.3" in s_client(server.admin_port, ca=server.chain).stdout
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_default_handshake_prefers_tls13(server: RunningServer, device: DeviceIdentity,
+                                         listener: str) -> None:
+    port, cert_args = listener_args(server, device, listener)
+    assert "TLSv1.3" in s_client(port, *cert_args, ca=server.chain).stdout

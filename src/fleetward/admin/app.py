@@ -26,9 +26,10 @@ from fleetward.clock import Clock
 from fleetward.enroll import BootstrapTokens, EnrollmentService, IssuedToken
 from fleetward.enroll.bootstrap import MAX_BATCH as MAX_CLAIM_BATCH
 from fleetward.enroll.factory import MAX_FACTORY_BATCH, FactoryService
-from fleetward.errors import Forbidden, InvalidInput
+from fleetward.errors import ConfigurationError, Forbidden, InvalidInput
 from fleetward.model import AuditEvent, DeviceType, Operator, Role, parse_serial, parse_state
 from fleetward.registry import Registry
+from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import audit as audit_rows
 from fleetward.store import cas as ca_rows
@@ -59,6 +60,7 @@ class AdminServices:
     executor: Executor  # one worker: serialises SQL writes and keeps them off the loop
     bootstrap: BootstrapTokens
     enrollment: EnrollmentService
+    policies: PolicyService | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -437,6 +439,86 @@ async def factory_sign(request: web.Request, svc: AdminServices, op: Operator) -
                   "reused": reused}, 200 if reused else 201)
 
 
+# --- policies ---------------------------------------------------------------------------
+
+POLICY_YAML_TYPES = ("application/yaml", "application/x-yaml")
+
+
+def _policies(svc: AdminServices) -> PolicyService:
+    if svc.policies is None:
+        raise ConfigurationError("this server was built without the policy service",
+                                 hint="this is a wiring bug; check the server version")
+    return svc.policies
+
+
+async def list_policies(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    items = await svc.run(_policies(svc).list)
+    return _json({"items": [p.to_json(with_document=False) for p in items]})
+
+
+async def get_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    info = await svc.run(_policies(svc).get, request.match_info["name"])
+    return _json(info.to_json())
+
+
+async def put_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    """The body is the document itself: JSON, or YAML with a YAML content type."""
+    if request.content_type == "application/json":
+        fmt = "json"
+    elif request.content_type in POLICY_YAML_TYPES:
+        fmt = "yaml"
+    else:
+        raise InvalidInput(f"expected a JSON or YAML policy document, got "
+                           f"{request.content_type or 'nothing'}",
+                           hint="send Content-Type: application/json or application/yaml")
+    # Read raw: the policy parser refuses duplicate keys, which request.json() would hide.
+    text = await request.read()
+    info = await svc.run(_policies(svc).put, request.match_info["name"], text, _actor(op),
+                         fmt=fmt)
+    return _json(info.to_json(), 201 if info.version == 1 else 200)
+
+
+async def delete_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    await svc.run(_policies(svc).delete, request.match_info["name"], _actor(op))
+    return web.Response(status=204)
+
+
+def _attachment_target(values: dict[str, Any], example: str) -> tuple[str, str]:
+    """Exactly one of ``type`` / ``device``, a non-empty string."""
+    given = [(k, v) for k, v in values.items() if k in ("type", "device")]
+    unknown = sorted(set(values) - {"type", "device"})
+    if unknown or len(given) != 1 or not isinstance(given[0][1], str) or not given[0][1]:
+        raise InvalidInput("give exactly one of 'type' (a device type) or 'device' "
+                           "(a device id)", hint=f"e.g. {example}")
+    return given[0][0], given[0][1]
+
+
+async def attach_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    kind, target = _attachment_target(body, '{"type": "sensor"} or {"device": "dev-1"}')
+    name = request.match_info["name"]
+    created = await svc.run(_policies(svc).attach, name, kind, target, _actor(op))
+    return _json({"policy": name, "kind": kind, "target": target, "changed": created},
+                 201 if created else 200)
+
+
+async def detach_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    kind, target = _attachment_target(dict(request.query), "?type=sensor or ?device=dev-1")
+    await svc.run(_policies(svc).detach, request.match_info["name"], kind, target, _actor(op))
+    return web.Response(status=204)
+
+
+async def explain_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"device_id", "action", "resource", "cert_serial"})
+    serial = body.get("cert_serial")
+    if serial is not None and not isinstance(serial, str):
+        raise InvalidInput("cert_serial must be a hex string", hint='e.g. "cert_serial": "1a2b"')
+    result = await svc.run(_policies(svc).test, require_str(body, "device_id"),
+                           require_str(body, "action"), require_str(body, "resource"), serial)
+    return _json(result)
+
+
 async def openapi(request: web.Request, svc: AdminServices, op: Operator | None) -> web.Response:
     return _json(openapi_document())
 
@@ -528,6 +610,45 @@ ROUTES: tuple[Route, ...] = (
           {"type": "object", "required": ["type", "device_id", "csr_pem"],
            "additionalProperties": False,
            "properties": {"type": _STR, "device_id": _STR, "csr_pem": _STR, "owner": _STR}}),
+    Route("GET", "/v1/policies", Role.AUDITOR, list_policies,
+          "List policies (built-in ones included) and where they are attached"),
+    Route("POST", "/v1/policies/test", Role.AUDITOR, explain_policy,
+          "Explain a policy decision for a device (read-only: changes nothing)",
+          {"type": "object", "required": ["device_id", "action", "resource"],
+           "additionalProperties": False,
+           "properties": {"device_id": _STR,
+                          "action": {"type": "string",
+                                     "description": "e.g. mqtt:publish, http:GET"},
+                          "resource": {"type": "string",
+                                       "description": "topic, topic filter (subscribe), "
+                                                      "client id (connect), request path "
+                                                      "without '/' (http)"},
+                          "cert_serial": {"type": "string",
+                                          "description": "hex, for ${cert.serial}"}}}),
+    Route("GET", "/v1/policies/{name}", Role.AUDITOR, get_policy,
+          "Show a policy: document, version, attachments"),
+    Route("PUT", "/v1/policies/{name}", Role.ADMIN, put_policy,
+          "Create or replace a policy (JSON body, or YAML with Content-Type "
+          "application/yaml); 201 when created",
+          {"type": "object", "required": ["statements"], "additionalProperties": False,
+           "properties": {
+               "version": {"enum": ["2026-11"]},
+               "statements": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
+                   "type": "object", "required": ["effect", "actions", "resources"],
+                   "additionalProperties": False,
+                   "properties": {"sid": _STR, "effect": {"enum": ["allow", "deny"]},
+                                  "actions": {"type": "array", "items": _STR},
+                                  "resources": {"type": "array", "items": _STR,
+                                                "maxItems": 100}}}}}}),
+    Route("DELETE", "/v1/policies/{name}", Role.ADMIN, delete_policy,
+          "Delete a policy that is not attached anywhere"),
+    Route("POST", "/v1/policies/{name}/attachments", Role.ADMIN, attach_policy,
+          "Attach a policy to a device type or a device (idempotent; 201 when new)",
+          {"type": "object", "additionalProperties": False,
+           "properties": {"type": _STR, "device": _STR},
+           "description": "exactly one of type, device"}),
+    Route("DELETE", "/v1/policies/{name}/attachments", Role.ADMIN, detach_policy,
+          "Detach a policy from ?type=T or ?device=D", query=("type", "device")),
     Route("GET", "/v1/audit", Role.AUDITOR, audit_query, "Query the audit log",
           query=("after", "action", "limit", "order")),
     Route("GET", "/v1/audit/verify", Role.AUDITOR, audit_verify, "Verify the audit chain"),

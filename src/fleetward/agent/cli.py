@@ -5,7 +5,9 @@
                            [--label L] [--pkcs11-module M --pkcs11-token-label L
                                         --pkcs11-pin-file F]
     fleetward-agent renew  --state-dir DIR [--force]
-    fleetward-agent run    --state-dir DIR [--renew-fraction 0.66]
+    fleetward-agent run    --state-dir DIR [--mqtt | --https] [--mqtt-url mqtts://HOST:8883]
+                           [--source sim|stdin|script:PATH|none] [--interval S] [--count N]
+                           [--command-handler PATH] [--exit-on-refusal] [--renew-only] …
     fleetward-agent status --state-dir DIR
 
 Secrets never go on the command line by default: other users of the device can read
@@ -15,6 +17,7 @@ one-off tests only; use ``--token-file`` or ``FLEETWARD_BOOTSTRAP_TOKEN``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -34,16 +37,25 @@ from fleetward.agent.enroll import EnrollOptions, Pkcs11Options, enroll
 from fleetward.agent.errors import EnrollmentPending
 from fleetward.agent.est_client import parse_fingerprint
 from fleetward.agent.renewal import DEFAULT_RENEW_FRACTION, open_agent, validate_fraction
-from fleetward.agent.state import StateLayout, read_secret_file
+from fleetward.agent.run import EXIT_REFUSED, RunOptions, run_agent
+from fleetward.agent.state import (
+    StateLayout,
+    load_config,
+    read_secret_file,
+    save_config,
+    state_lock,
+    validate_mqtt_url,
+)
+from fleetward.agent.telemetry import DEFAULT_MESSAGE_TYPE, make_source
 from fleetward.errors import FleetwardError, InvalidInput
 
 TOKEN_ENV = "FLEETWARD_BOOTSTRAP_TOKEN"
 EXIT_ERROR = 1
 EXIT_PENDING = 3  # enrollment accepted, waiting for an operator: run the command again
 
-app = typer.Typer(help="Fleetward device agent: enroll, renew and keep the device "
-                       "certificate fresh.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(help="Fleetward device agent: enroll, keep the device certificate "
+                       "fresh, send telemetry and answer commands over MQTT or HTTPS.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 # soft_wrap: a message is one line in a log or a pipe, not cut at 80 columns
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -178,9 +190,49 @@ def renew_command(state_dir: StateDir,
 
 
 @app.command("run")
-def run_command(state_dir: StateDir, renew_fraction: Fraction = DEFAULT_RENEW_FRACTION,
-                verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    """Keep running: renew at each renewal point, retry failures with backoff."""
+def run_command(
+    state_dir: StateDir,
+    mqtt: Annotated[bool, typer.Option("--mqtt", help="talk MQTT over TLS (default for a "
+                                                      "key file)")] = False,
+    https: Annotated[bool, typer.Option("--https", help="use the HTTPS device API (default "
+                                                        "for a PKCS#11 key)")] = False,
+    mqtt_url: Annotated[str | None, typer.Option(
+        "--mqtt-url", help="MQTT listener, mqtts://host:8883 (saved in agent.toml; default: "
+                           "the server's host, port 8883)")] = None,
+    mqtt_version: Annotated[str, typer.Option("--mqtt-version", help="5 or 3.1.1")] = "5",
+    qos: Annotated[int, typer.Option("--qos", help="MQTT QoS of telemetry: 0 or 1")] = 1,
+    keepalive: Annotated[int, typer.Option("--keepalive", help="MQTT keep-alive, seconds")] = 60,
+    source: Annotated[str, typer.Option(
+        "--source", help="telemetry: sim, stdin (a JSON object per line), script:PATH "
+                         "(run every interval; stdout = one JSON object) or none")] = "sim",
+    seed: Annotated[int | None, typer.Option("--seed", help="seed of the sim source")] = None,
+    interval: Annotated[float, typer.Option("--interval", help="seconds between readings "
+                                                               "(sim, script)")] = 10.0,
+    message_type: Annotated[str, typer.Option(
+        "--message-type", help="telemetry message type (topic level)")] = DEFAULT_MESSAGE_TYPE,
+    count: Annotated[int | None, typer.Option(
+        "--count", help="exit after N records have been sent")] = None,
+    buffer_size: Annotated[int, typer.Option(
+        "--buffer-size", help="records kept while offline; the oldest are dropped "
+                              "beyond")] = 1000,
+    command_handler: Annotated[Path | None, typer.Option(
+        "--command-handler", help="executable for commands other than ping and "
+                                  "set-interval: command JSON on stdin, exit 0 = "
+                                  "succeeded, stdout JSON = result")] = None,
+    command_timeout: Annotated[float, typer.Option(
+        "--command-timeout", help="seconds before the handler is killed")] = 60.0,
+    poll_wait: Annotated[int, typer.Option(
+        "--poll-wait", help="HTTPS: seconds a command long-poll waits")] = 20,
+    exit_on_refusal: Annotated[bool, typer.Option(
+        "--exit-on-refusal", help=f"exit with status {EXIT_REFUSED} when the server refuses this "
+                                  "device (revoked, banned, not authorized) instead of "
+                                  "retrying slowly")] = False,
+    renew_only: Annotated[bool, typer.Option(
+        "--renew-only", help="only keep the certificate fresh (no channel)")] = False,
+    renew_fraction: Fraction = DEFAULT_RENEW_FRACTION,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Connect, send telemetry, answer commands, reconnect with backoff, renew."""
     configure_logging(logging.DEBUG if verbose else logging.INFO)
     stop = threading.Event()
 
@@ -189,12 +241,41 @@ def run_command(state_dir: StateDir, renew_fraction: Fraction = DEFAULT_RENEW_FR
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    layout = StateLayout(state_dir)
     try:
         validate_fraction(renew_fraction)
-        agent = open_agent(StateLayout(state_dir), sleep=stop.wait)
-        agent.run(fraction=renew_fraction, stop=stop)
+        if renew_only:
+            agent = open_agent(layout, sleep=stop.wait)
+            agent.run(fraction=renew_fraction, stop=stop)
+            return
+        if mqtt and https:
+            raise InvalidInput("choose one channel", hint="give either --mqtt or --https")
+        if mqtt_url is not None:
+            _save_mqtt_url(layout, mqtt_url)
+        options = RunOptions(
+            channel="mqtt" if mqtt else "https" if https else None, mqtt_version=mqtt_version,
+            qos=qos, keepalive_seconds=keepalive, message_type=message_type,
+            interval_seconds=interval, count=count, buffer_max_records=buffer_size,
+            exit_on_refusal=exit_on_refusal, renew_fraction=renew_fraction,
+            command_handler=command_handler, handler_timeout_seconds=command_timeout,
+            poll_wait_seconds=poll_wait)
+        telemetry = make_source(source, message_type=message_type, seed=seed,
+                                stdin=sys.stdin.buffer)
+        stats = run_agent(layout, options, stop, source=telemetry)
     except FleetwardError as exc:
         fail(exc)
+    if stats.exit_code:
+        raise typer.Exit(stats.exit_code)
+
+
+def _save_mqtt_url(layout: StateLayout, url: str) -> None:
+    """Record ``--mqtt-url`` in agent.toml (before anything else reads the config)."""
+    validate_mqtt_url(url)
+    load_config(layout)  # not enrolled: a clear error before the lock file is created
+    with state_lock(layout):
+        config = load_config(layout)
+        if config.mqtt_url != url:
+            save_config(layout, dataclasses.replace(config, mqtt_url=url))
 
 
 @app.command("status")

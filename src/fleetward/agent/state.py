@@ -120,12 +120,23 @@ class AgentConfig:
     device_id: str
     keystore: KeystoreConfig
     est_label: str | None = None  # RFC 7030 §3.2.2 optional label path segment
+    # The MQTT listener, mqtts://host[:port]; None: the server URL's host, port 8883.
+    mqtt_url: str | None = None
 
     def __post_init__(self) -> None:
         validate_server_url(self.server_url)
         validate_device_id(self.device_id)
         if self.est_label is not None:
             validate_est_label(self.est_label)
+        if self.mqtt_url is not None:
+            validate_mqtt_url(self.mqtt_url)
+
+    def effective_mqtt_url(self) -> str:
+        """``mqtt_url``, or the EST server's host on the IANA MQTT-over-TLS port 8883."""
+        if self.mqtt_url is not None:
+            return self.mqtt_url
+        host = urlsplit(self.server_url).hostname or ""
+        return f"mqtts://{'[' + host + ']' if ':' in host else host}:{DEFAULT_MQTT_PORT}"
 
 
 def validate_server_url(url: str) -> str:
@@ -141,6 +152,32 @@ def validate_server_url(url: str) -> str:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise InvalidInput("the server URL must not carry credentials, a query or a fragment",
                            hint="pass the token with --token-file or FLEETWARD_BOOTSTRAP_TOKEN")
+    return url.rstrip("/")
+
+
+DEFAULT_MQTT_PORT = 8883  # IANA "secure-mqtt"
+
+
+def validate_mqtt_url(url: str) -> str:
+    """An ``mqtts://host[:port]`` URL: the agent speaks MQTT over TLS only (the device
+    certificate is its credential; MQTT 5.0 §5.4.9, 3.1.1 §5.4.9 recommend TLS).
+
+    Raises:
+        InvalidInput: another scheme, credentials, a path, a query or a fragment.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "mqtts" or not parts.hostname or port == -1 or port == 0:
+        raise InvalidInput(f"MQTT URL {url!r} is not an mqtts://host[:port] URL",
+                           hint="e.g. --mqtt-url mqtts://fleetward.example:8883 (plain mqtt:// "
+                                "is not supported: the certificate is the credential)")
+    if parts.username or parts.password or parts.path not in ("", "/") or parts.query \
+            or parts.fragment:
+        raise InvalidInput("the MQTT URL must be mqtts://host[:port] and nothing else",
+                           hint="no credentials, path, query or fragment")
     return url.rstrip("/")
 
 
@@ -281,6 +318,8 @@ def dump_config(config: AgentConfig) -> bytes:
              f"device_id = {_toml_value(config.device_id)}"]
     if config.est_label is not None:
         lines.append(f"est_label = {_toml_value(config.est_label)}")
+    if config.mqtt_url is not None:
+        lines.append(f"mqtt_url = {_toml_value(config.mqtt_url)}")
     lines.append("")
     lines.append("[keystore]")
     for field in fields(KeystoreConfig):
@@ -309,7 +348,7 @@ def load_config(layout: StateLayout) -> AgentConfig:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise AgentStateError(f"cannot read {layout.config}: {exc}") from exc
     keystore_raw = raw.pop("keystore", None)
-    top = {"server_url", "device_id", "est_label"}
+    top = {"server_url", "device_id", "est_label", "mqtt_url"}
     known = {f.name for f in fields(KeystoreConfig)}
     if not isinstance(keystore_raw, dict) or set(raw) - top or set(keystore_raw) - known:
         unknown = sorted((set(raw) - top) | (set(keystore_raw or {}) - known))
@@ -320,7 +359,7 @@ def load_config(layout: StateLayout) -> AgentConfig:
         raise AgentStateError(f"{layout.config}: every value must be a string")
     try:
         return AgentConfig(server_url=raw["server_url"], device_id=raw["device_id"],
-                           est_label=raw.get("est_label"),
+                           est_label=raw.get("est_label"), mqtt_url=raw.get("mqtt_url"),
                            keystore=KeystoreConfig(**keystore_raw))
     except KeyError as exc:
         raise AgentStateError(f"{layout.config} lacks {exc.args[0]}") from None
@@ -370,4 +409,5 @@ def load_ca_bundle(path: Path) -> list[x509.Certificate]:
 __all__ = ["AgentConfig", "KeystoreConfig", "StateLayout", "dump_config", "ensure_state_dir",
            "generate_passphrase_file", "load_ca_bundle", "load_certificate_file",
            "load_config", "read_secret_file", "replace_durably", "save_config", "state_lock",
-           "validate_est_label", "validate_server_url", "with_keystore", "write_atomic"]
+           "validate_est_label", "validate_mqtt_url", "validate_server_url", "with_keystore",
+           "write_atomic"]

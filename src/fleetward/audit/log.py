@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,9 @@ class AuditLog:
             raise ValueError("the audit key must be at least 32 bytes")
         self._key = key
         self._clock = clock
+        # Called with each appended event's action, inside the transaction (before it
+        # commits): lets this node's data plane learn of its own changes at once.
+        self.on_append: Callable[[str], None] | None = None
 
     def _mac(self, text: str) -> str:
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
@@ -148,6 +151,8 @@ class AuditLog:
         digest = _content_hash(content, prev_hash)
         row = AuditRow(seq=seq, prev_hash=prev_hash, hash=digest, mac=self._mac(digest), **content)
         rows.insert_event(conn, row)
+        if self.on_append is not None:
+            self.on_append(event.action)
         rows.write_head(
             conn, HeadRow(seq, digest, self._mac(f"{seq}:{digest}")), existed=head is not None
         )

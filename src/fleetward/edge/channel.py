@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# One authorization answer (allowed, reason, policy, statement). Defined by the policy
+# engine, which may not import edge/ (ARCHITECTURE §3); re-exported here for listeners.
+from fleetward.policy.engine import Decision as Decision
+
 
 class Action(enum.StrEnum):
     """Policy actions (AWS-IoT-style). HTTP actions are ``http:<METHOD>``."""
@@ -58,17 +62,6 @@ class Refusal(enum.IntEnum):
     @property
     def http_status(self) -> int:
         return {Refusal.BAD_CREDENTIALS: 401, Refusal.SERVER_UNAVAILABLE: 503}.get(self, 403)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One authorization answer. ``statement`` names what matched, for ``policy test``
-    and for denial messages a device developer can act on."""
-
-    allowed: bool
-    reason: str  # e.g. "denied by policy 'lockdown' statement 'no-ota'" / "no statement allows"
-    policy: str | None = None
-    statement: str | None = None
 
 
 class ChannelPolicy(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ class Database:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
         self.engine: Engine = _create_engine(url, echo=echo)
+        # Called on the committing thread after each successful ``transaction()``.
+        self.on_commit: Callable[[], None] | None = None
 
     @property
     def dialect(self) -> str:
@@ -43,6 +45,8 @@ class Database:
                 yield conn
         except OperationalError as exc:
             raise _storage_error(exc) from exc
+        if self.on_commit is not None:
+            self.on_commit()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -1,0 +1,361 @@
+"""The trust gate: who a device listener's peer is and whether it may be here, from
+memory only, and the live enforcement of every control-plane change.
+
+``admit`` runs on the event loop for every new device connection. OpenSSL has verified
+the client certificate's chain and validity by then; the gate checks that our issuing
+CA issued it (the device listener also trusts OEM CAs for enrollment), that its serial
+is not revoked, that the device exists in a state that may connect, and — for MQTT —
+that the client id is the device id and policy allows ``mqtt:connect``. It then
+compiles the device's policies once for the connection.
+
+The caches are filled by ``load`` and kept current by ``poll`` (both blocking, run on a
+worker thread), which read the audit log as a change feed (store/channel.py). ``apply``
+(on the loop) installs what ``poll`` read and acts on live connections: a revoked
+certificate or a device that may no longer connect is disconnected (MQTT 5 DISCONNECT
+0x98, administrative action), a policy change is swapped into live admissions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from fleetward.clock import Clock
+from fleetward.config import ChannelConfig
+from fleetward.edge.channel import (
+    Action,
+    Admission,
+    ChannelPolicy,
+    LiveConnections,
+    Refusal,
+    Refused,
+)
+from fleetward.edge.hooks import Throttle
+from fleetward.model import AuditEvent, Device, DeviceType, LifecycleState, format_serial
+from fleetward.store import Database
+from fleetward.store import channel as channel_rows
+
+log = structlog.get_logger("fleetward.gate")
+
+DEVICE_URI_PREFIX = "urn:fleetward:device:"
+# Parsed and issuer-verified certificates, by DER digest: a reconnecting device skips
+# the ECDSA verification. Bounded: an attacker can only evict, never grow it.
+VERIFIED_CERT_CACHE_ENTRIES = 10_000
+EXPIRY_CHECK_SECONDS = 5.0  # live connections outliving their certificate are closed
+
+# Audit actions whose rows mean "reload this device" (target "device:<id>").
+DEVICE_ACTIONS = frozenset({
+    "device.created", "device.state_changed", "certificate.revoked",
+    "enroll.device_registered", "device.firmware_reported"})
+POLICY_ACTIONS = frozenset({"policy.put", "policy.deleted", "policy.attached",
+                            "policy.detached"})
+TYPE_ACTIONS = frozenset({"device_type.created", "device_type.updated"})
+WATCHED_ACTIONS = DEVICE_ACTIONS | POLICY_ACTIONS | TYPE_ACTIONS
+
+ADMIN_CLOSE = 0x98  # MQTT 5.0 §2.4 reason code: administrative action
+
+
+class LocalChanges:
+    """Wakes the control-plane watcher as soon as *this* node commits a watched change,
+    so its own revocations and new devices apply in milliseconds; other nodes' changes
+    arrive with the next poll.
+
+    ``noted`` runs inside the transaction (AuditLog.on_append), ``committed`` after it
+    (Database.on_commit), both on the committing thread: a flag per thread links them,
+    so a rolled-back change wakes nobody.
+    """
+
+    def __init__(self) -> None:
+        self._pending = threading.local()
+        self._wake: Callable[[], None] | None = None
+
+    def bind(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def noted(self, action: str) -> None:
+        if action in WATCHED_ACTIONS:
+            self._pending.flag = True
+
+    def committed(self) -> None:
+        if getattr(self._pending, "flag", False):
+            self._pending.flag = False
+            if self._wake is not None:
+                self._wake()
+
+
+class PolicyCompiler(Protocol):
+    """How the gate gets policies: a snapshot read (SQL, off the loop) and a
+    per-connection compile (on the loop, microseconds per statement)."""
+
+    def snapshot(self) -> Any: ...
+
+    def compile(self, snapshot: Any, device: Device, serial: int) -> ChannelPolicy:
+        """The device's effective policy; the quarantine policy when it is quarantined."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedCertificate:
+    serial: int
+    device_id: str
+    not_after_epoch: float
+
+
+@dataclass(slots=True)
+class CacheUpdate:
+    """What one ``poll`` read; installed by ``apply`` on the loop thread."""
+
+    devices: dict[str, Device | None] = field(default_factory=dict)
+    revoked: set[int] = field(default_factory=set)
+    policy_snapshot: Any = None
+    policy_changed: bool = False
+    types: list[DeviceType] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.devices or self.revoked or self.policy_changed or self.types)
+
+
+class TrustGate:
+    """Implements ``fleetward.edge.channel.DeviceGate``."""
+
+    def __init__(self, db: Database, issuing_certificates: Sequence[x509.Certificate],
+                 policies: PolicyCompiler, live: LiveConnections, config: ChannelConfig,
+                 clock: Clock, audit_refusal: Callable[[AuditEvent], None]) -> None:
+        self._db = db
+        self._issuers = list(issuing_certificates)
+        self._policies = policies
+        self.live = live
+        self._config = config
+        self._clock = clock
+        self._audit_refusal = audit_refusal
+        self._devices: dict[str, Device] = {}
+        self._types: dict[str, DeviceType] = {}
+        self._revoked: set[int] = set()
+        self._policy_snapshot: Any = None
+        self._verified: OrderedDict[bytes, VerifiedCertificate] = OrderedDict()
+        self._refusal_throttle = Throttle(config.refusal_audit_window_seconds)
+        self._last_seq = 0
+        self._next_expiry_check = 0.0
+        self.loaded = False
+
+    # --- cache fill (worker thread) ---------------------------------------------------
+
+    def load(self) -> None:
+        """Read everything the gate needs. The change-feed position is read *first*, so
+        a change committed while loading is replayed by the next poll (reloads are
+        idempotent)."""
+        with self._db.read() as conn:
+            last_seq = channel_rows.last_audit_seq(conn)
+            devices = {d.id: d for d in channel_rows.all_devices(conn)}
+            revoked = channel_rows.revoked_serials(conn, self._clock.now())
+            types = {t.name: t for t in channel_rows.device_types(conn)}
+        snapshot = self._policies.snapshot()
+        self._devices, self._revoked, self._types = devices, revoked, types
+        self._policy_snapshot = snapshot
+        self._last_seq = last_seq
+        self.loaded = True
+        log.info("trust caches loaded", devices=len(devices), revoked=len(revoked),
+                 change_feed_seq=last_seq)
+
+    def poll(self) -> CacheUpdate:
+        """Read control-plane changes since the last poll (blocking; worker thread)."""
+        update = CacheUpdate()
+        with self._db.read() as conn:
+            changes, last = channel_rows.changes_since(conn, self._last_seq, WATCHED_ACTIONS)
+            for change in changes:
+                if change.action in DEVICE_ACTIONS and change.target.startswith("device:"):
+                    device_id = change.target.removeprefix("device:")
+                    if device_id not in update.devices:
+                        update.devices[device_id] = channel_rows.device(conn, device_id)
+                        update.revoked |= channel_rows.device_revoked_serials(conn, device_id)
+                elif change.action in TYPE_ACTIONS:
+                    update.types = channel_rows.device_types(conn)
+                elif change.action in POLICY_ACTIONS:
+                    update.policy_changed = True
+        if update.policy_changed:
+            update.policy_snapshot = self._policies.snapshot()
+        self._last_seq = last
+        return update
+
+    # --- cache install + live enforcement (event loop) ----------------------------------
+
+    def apply(self, update: CacheUpdate) -> int:
+        """Install ``update`` and enforce it on live connections; returns how many
+        connections were closed."""
+        closed = 0
+        if update.types is not None:
+            self._types = {t.name: t for t in update.types}
+        if update.policy_changed:
+            self._policy_snapshot = update.policy_snapshot
+        new_revocations = update.revoked - self._revoked
+        self._revoked |= update.revoked
+        if new_revocations:
+            closed += self.live.close_serials(new_revocations, ADMIN_CLOSE,
+                                              "certificate revoked")
+        for device_id, device in update.devices.items():
+            if device is None:
+                self._devices.pop(device_id, None)
+            else:
+                self._devices[device_id] = device
+        touched = set(update.devices) if not update.policy_changed else None
+        for closer in self.live.all():
+            if touched is not None and closer.device_id not in touched:
+                continue
+            verdict = self._decide(closer.admission.serial, closer.device_id, closer.channel,
+                                   closer.device_id if closer.channel == "mqtt" else None)
+            if isinstance(verdict, Refused):
+                closer.close(ADMIN_CLOSE, verdict.reason)
+                closed += 1
+            else:
+                admission = closer.admission
+                admission.policy = verdict.policy
+                admission.state = verdict.state
+                admission.quarantined = verdict.quarantined
+                admission.firmware_version = verdict.firmware_version
+        if closed:
+            log.info("live connections closed by control-plane change", count=closed)
+        return closed
+
+    def close_expired(self) -> int:
+        """Close live connections whose certificate has expired since they connected."""
+        now = time.time()
+        if now < self._next_expiry_check:
+            return 0
+        self._next_expiry_check = now + EXPIRY_CHECK_SECONDS
+        expired = [c for c in self.live.all() if c.admission.not_after_epoch <= now]
+        for closer in expired:
+            closer.close(ADMIN_CLOSE, "certificate expired; re-enroll")
+        return len(expired)
+
+    # --- admission (event loop) ---------------------------------------------------------
+
+    def device_type(self, name: str) -> DeviceType | None:
+        return self._types.get(name)
+
+    def message_types_of(self, type_name: str) -> tuple[str, ...] | None:
+        device_type = self._types.get(type_name)
+        return device_type.message_types if device_type else None
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial in self._revoked
+
+    def admit(self, peer_certificate_der: bytes | None, *, channel: str,
+              client_id: str | None = None, source: str = "") -> Admission | Refused:
+        """See ``DeviceGate.admit``. Refusals are audited, at most once per peer and
+        reason per ``[channel] refusal_audit_window_seconds``."""
+        if not self.loaded:
+            return self._refuse(Refusal.SERVER_UNAVAILABLE, "the server is starting; retry",
+                                channel, source, None)
+        if not peer_certificate_der:
+            return self._refuse(Refusal.BAD_CREDENTIALS,
+                                "a client certificate from this server's CA is required",
+                                channel, source, None)
+        verified = self._verify(peer_certificate_der)
+        if verified is None:
+            return self._refuse(Refusal.BAD_CREDENTIALS,
+                                "the client certificate was not issued by this server's "
+                                "device CA (a manufacturer certificate only enrolls)",
+                                channel, source, None)
+        verdict = self._decide(verified.serial, verified.device_id, channel, client_id)
+        if isinstance(verdict, Refused):
+            return self._refuse(verdict.code, verdict.reason, channel, source,
+                                verified.device_id, verified.serial)
+        verdict.not_after_epoch = verified.not_after_epoch
+        return verdict
+
+    def _decide(self, serial: int, device_id: str, channel: str,
+                client_id: str | None) -> Admission | Refused:
+        if serial in self._revoked:
+            return Refused(Refusal.BANNED, "the client certificate is revoked")
+        device = self._devices.get(device_id)
+        if device is None:
+            return Refused(Refusal.BAD_CREDENTIALS, "unknown device")
+        state = device.state
+        if state in (LifecycleState.COMPROMISED, LifecycleState.RETIRED):
+            return Refused(Refusal.BANNED, f"device is {state.value}")
+        if state not in (LifecycleState.ACTIVE, LifecycleState.QUARANTINED):
+            return Refused(Refusal.NOT_AUTHORIZED,
+                           f"device is {state.value}; an operator must enable it")
+        if client_id is not None and client_id != device_id:
+            return Refused(Refusal.CLIENT_ID_NOT_VALID,
+                           "the client id must equal the device id in the certificate")
+        policy = self._policies.compile(self._policy_snapshot, device, serial)
+        if channel == "mqtt":
+            decision = policy.decide(Action.MQTT_CONNECT, device_id)
+            if not decision.allowed:
+                reason = ("device is quarantined: only recovery routes (status, "
+                          "re-enrollment, firmware) are open" if
+                          state is LifecycleState.QUARANTINED else decision.reason)
+                return Refused(Refusal.NOT_AUTHORIZED, reason)
+        return Admission(device_id=device_id, device_type=device.type, owner=device.owner,
+                         serial=serial, not_after_epoch=float("inf"), state=state.value,
+                         quarantined=state is LifecycleState.QUARANTINED, policy=policy,
+                         firmware_version=device.firmware_version)
+
+    def _verify(self, der: bytes) -> VerifiedCertificate | None:
+        digest = hashlib.sha256(der).digest()
+        cached = self._verified.get(digest)
+        if cached is not None:
+            self._verified.move_to_end(digest)
+            return cached
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return None
+        if not any(_issued_by(cert, issuer) for issuer in self._issuers):
+            return None
+        device_id = _device_id(cert)
+        if device_id is None:
+            return None
+        verified = VerifiedCertificate(cert.serial_number, device_id,
+                                       cert.not_valid_after_utc.timestamp())
+        self._verified[digest] = verified
+        if len(self._verified) > VERIFIED_CERT_CACHE_ENTRIES:
+            self._verified.popitem(last=False)
+        return verified
+
+    def _refuse(self, code: Refusal, reason: str, channel: str, source: str,
+                device_id: str | None, serial: int | None = None) -> Refused:
+        peer = device_id or source.rsplit(":", 1)[0] or "unknown"
+        if self._refusal_throttle.allow((peer, f"0x{int(code):02x}")):
+            details: dict[str, Any] = {"channel": channel, "reason": reason,
+                                       "reason_code": f"0x{int(code):02x}", "source": source}
+            if serial is not None:
+                details["serial"] = format_serial(serial)
+            self._audit_refusal(AuditEvent(
+                action="channel.refused", actor=f"remote:{source}" if source else "remote",
+                target=f"device:{device_id}" if device_id else f"remote:{peer}",
+                outcome="failure", details=details))
+        return Refused(code, reason)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _device_id(cert: x509.Certificate) -> str | None:
+    """The device id from the SAN URI our CA writes (``urn:fleetward:device:<id>``)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    ids = [uri.removeprefix(DEVICE_URI_PREFIX)
+           for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
+           if uri.startswith(DEVICE_URI_PREFIX)]
+    return ids[0] if len(ids) == 1 else None

@@ -1,0 +1,125 @@
+"""What the device listeners hand to the rest of Fleetward: audit rows (throttled, off
+the event loop), last-seen times (batched) and accepted messages (the ingest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import structlog
+
+from fleetward.audit import AuditLog
+from fleetward.clock import Clock
+from fleetward.edge.channel import Admission
+from fleetward.model import AuditEvent
+from fleetward.store import Database
+from fleetward.store import channel as channel_rows
+
+log = structlog.get_logger("fleetward.edge")
+
+THROTTLE_KEYS = 10_000  # distinct (device or peer, action) pairs remembered per window
+
+AcceptPublish = Callable[[Admission, str, bytes, int, bool], Awaitable[int | None]]
+
+
+class AuditWriter:
+    """Appends audit events on the node's single writer thread, never on the loop.
+
+    ``submit`` returns at once; a failed write is logged (the event is also in the
+    structured log), it never fails the connection that caused it.
+    """
+
+    def __init__(self, db: Database, audit: AuditLog, executor: Executor) -> None:
+        self._db = db
+        self._audit = audit
+        self._executor = executor
+
+    def submit(self, event: AuditEvent) -> None:
+        try:
+            self._executor.submit(self._write, event)
+        except RuntimeError:  # executor shut down: the server is stopping
+            log.warning("audit event dropped at shutdown", action=event.action,
+                        target=event.target)
+
+    def _write(self, event: AuditEvent) -> None:
+        try:
+            with self._db.transaction() as conn:
+                self._audit.append(conn, event)
+        except Exception:
+            log.exception("audit write failed", action=event.action, target=event.target)
+
+
+class Throttle:
+    """At most one event per key per window; bounded memory (an attacker who cycles
+    keys only loses audit detail for the rest of the window, never grows the map)."""
+
+    def __init__(self, window_seconds: float) -> None:
+        self._window = window_seconds
+        self._seen: set[tuple[str, str]] = set()
+        self._started = time.monotonic()
+        self.suppressed = 0
+
+    def allow(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        if now - self._started > self._window:
+            self._seen.clear()
+            self._started = now
+        if key in self._seen or len(self._seen) >= THROTTLE_KEYS:
+            self.suppressed += 1
+            return False
+        self._seen.add(key)
+        return True
+
+
+class ChannelHooks:
+    """The MQTT server's hooks (``fleetward.edge.mqtt.server.MqttHooks``)."""
+
+    # Events every occurrence of which matters (clone signals); never throttled.
+    UNTHROTTLED = frozenset({"mqtt.session_taken_over"})
+
+    def __init__(self, accept: AcceptPublish, writer: AuditWriter, clock: Clock,
+                 audit_window_seconds: float) -> None:
+        self._accept = accept
+        self._writer = writer
+        self._clock = clock
+        self._throttle = Throttle(audit_window_seconds)
+        self._last_seen: dict[str, Any] = {}
+
+    async def accept_publish(self, admission: Admission, topic: str, payload: bytes,
+                             qos: int, retain: bool) -> int | None:
+        return await self._accept(admission, topic, payload, qos, retain)
+
+    def audit(self, action: str, admission: Admission | None, source: str,
+              details: dict[str, Any]) -> None:
+        subject = admission.device_id if admission else source.rsplit(":", 1)[0]
+        if action not in self.UNTHROTTLED and not self._throttle.allow((subject, action)):
+            return
+        self._writer.submit(AuditEvent(
+            action=action,
+            actor=f"device:{admission.device_id}" if admission else f"remote:{source}",
+            target=f"device:{admission.device_id}" if admission else f"remote:{subject}",
+            outcome="failure" if action.endswith(("_denied", "refused")) else "success",
+            details={"source": source, **details}))
+
+    def connected(self, admission: Admission, source: str) -> None:
+        self._last_seen[admission.device_id] = self._clock.now()
+
+    def disconnected(self, admission: Admission, reason: str) -> None:
+        self._last_seen[admission.device_id] = self._clock.now()
+
+    def seen(self, device_id: str) -> None:
+        self._last_seen[device_id] = self._clock.now()
+
+    def take_last_seen(self) -> dict[str, Any]:
+        seen, self._last_seen = self._last_seen, {}
+        return seen
+
+
+def flush_last_seen(db: Database, seen: dict[str, Any]) -> None:
+    """Write a batch of last-seen times (worker thread)."""
+    if seen:
+        with db.transaction() as conn:
+            channel_rows.touch_last_seen(conn, seen)
