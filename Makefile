@@ -48,6 +48,8 @@ lint: $(VENV)/.stamp-test
 bench: $(VENV)/.stamp-run
 	$(BIN)/python bench/issue.py
 	$(BIN)/python bench/enroll.py
+	$(BIN)/python bench/handshake.py
+	$(BIN)/python bench/mqtt.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -89,6 +89,22 @@ class Forbidden(ClientError):
     default_hint = "Your role does not allow this; ask an admin for a token with more rights."
 
 
+class TooManyRequests(ClientError):
+    """A per-caller limit is reached (RFC 6585 §4); the same request may succeed later."""
+
+    status = 429
+    problem_type = "too-many-requests"
+    default_hint = "Wait until earlier requests are done, then send it again."
+
+
+class PayloadTooLarge(ClientError):
+    """A body or message above a size limit (RFC 9110 §15.5.14)."""
+
+    status = 413
+    problem_type = "payload-too-large"
+    default_hint = "Send less data per request; the detail names the limit."
+
+
 # --- the operator's fault ---------------------------------------------------------
 
 
@@ -115,3 +131,15 @@ class StorageError(FleetwardError):
     status = 503
     problem_type = "storage-unavailable"
     default_hint = "The database is unreachable or failed; retry later and check its logs."
+
+
+# --- secure channel (issue 4) ---------------------------------------------------------
+
+
+class SinkUnavailable(StorageError):
+    """A message sink (SQL table, NATS JetStream) cannot accept a message now."""
+
+    status = 503
+    problem_type = "sink-unavailable"
+    default_hint = ("The message store is unavailable or overloaded; retry with backoff "
+                    "(an MQTT QoS 1 publish is retried by the client).")

@@ -76,6 +76,7 @@ from fleetward.enroll import BootstrapTokens, EnrollmentService
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
 from fleetward.model import DeviceType, Role
 from fleetward.registry import Registry
+from fleetward.registry.device_commands import DeviceCommandService
 from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import cas as ca_rows
@@ -87,6 +88,7 @@ log = structlog.get_logger("fleetward.server")
 
 DEFAULT_DEVICE_TYPE = "default"
 CRL_CHECK_INTERVAL_SECONDS = 60
+COMMAND_EXPIRY_SWEEP_SECONDS = 60  # undelivered commands past their TTL become expired
 LAST_SEEN_FLUSH_SECONDS = 5  # devices.last_seen_at is written in batches this often
 OEM_TRUST_REFRESH_SECONDS = 5  # a newly registered OEM CA is trusted by TLS within this
 _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
@@ -357,6 +359,9 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetward-db")
         self.public_executor = ThreadPoolExecutor(max_workers=2,
                                                   thread_name_prefix="fleetward-public")
+        # Long-poll re-reads use the read pool, never queueing behind the writer thread.
+        self.commands = DeviceCommandService(self.db, self.audit, self.clock,
+                                             settings.device_api, self.public_executor)
         self.live = LiveConnections()
         self.local_changes = LocalChanges()
         self.audit.on_append = self.local_changes.noted
@@ -374,7 +379,8 @@ class Node:
         return build_admin_app(AdminServices(
             db=self.db, registry=self.registry, tokens=self.tokens, authority=self.authority,
             audit=self.audit, clock=self.clock, executor=self.executor,
-            bootstrap=self.bootstrap, enrollment=self.enrollment, policies=self.policies))
+            bootstrap=self.bootstrap, enrollment=self.enrollment, policies=self.policies,
+            commands=self.commands))
 
     def public_app(self) -> web.Application:
         # Its own threads: OCSP signing and CRL reads must not queue behind admin writes
@@ -536,6 +542,8 @@ class Node:
             (CRL_CHECK_INTERVAL_SECONDS, "crl-refresh", self.executor, refresh_crls),
             (self.settings.enroll.supersede_sweep_seconds, "supersede-sweep", self.executor,
              self.enrollment.sweep_superseded),
+            (COMMAND_EXPIRY_SWEEP_SECONDS, "command-expiry", self.executor,
+             self.commands.expire_due),
             (OEM_TRUST_REFRESH_SECONDS, "oem-trust", self.public_executor, trust_oem_cas)]
         return [asyncio.create_task(self._every(stop, seconds, name, executor, job))
                 for seconds, name, executor, job in jobs]

@@ -199,6 +199,8 @@ PLAUSIBLE_BODIES: dict[tuple[str, str], Callable[[Target], dict[str, Any] | None
     ("POST", "/v1/devices/{device_id}/certificates"): lambda t: {
         "csr": csr_pem(), "profile": "device"},
     ("POST", "/v1/devices/{device_id}/revoke-certificates"): lambda t: {"reason": "superseded"},
+    ("POST", "/v1/devices/{device_id}/commands"): lambda t: {
+        "name": "reboot", "payload": {"delay_seconds": 5}, "ttl_seconds": 3600},
     ("POST", "/v1/certificates/{serial}/revoke"): lambda t: {"reason": "keyCompromise"},
     ("POST", "/v1/ca/oem"): lambda t: {
         "name": f"rbac-oem-{t.tag}", "certificate": oem_ca_pem(), "device_type": "default"},

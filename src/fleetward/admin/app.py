@@ -29,10 +29,13 @@ from fleetward.enroll.factory import MAX_FACTORY_BATCH, FactoryService
 from fleetward.errors import ConfigurationError, Forbidden, InvalidInput
 from fleetward.model import AuditEvent, DeviceType, Operator, Role, parse_serial, parse_state
 from fleetward.registry import Registry
+from fleetward.registry.device_commands import MAX_TTL_SECONDS as MAX_COMMAND_TTL_SECONDS
+from fleetward.registry.device_commands import DeviceCommandService, command_json
 from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import audit as audit_rows
 from fleetward.store import cas as ca_rows
+from fleetward.store import messages as message_rows
 from fleetward.web.problem import (
     problem_middleware,
     read_json,
@@ -61,6 +64,7 @@ class AdminServices:
     bootstrap: BootstrapTokens
     enrollment: EnrollmentService
     policies: PolicyService | None = None
+    commands: DeviceCommandService | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -519,6 +523,59 @@ async def explain_policy(request: web.Request, svc: AdminServices, op: Operator)
     return _json(result)
 
 
+# --- device commands ----------------------------------------------------------------------
+
+
+def _commands(svc: AdminServices) -> DeviceCommandService:
+    if svc.commands is None:
+        raise ConfigurationError("this server was built without the command service",
+                                 hint="this is a wiring bug; check the server version")
+    return svc.commands
+
+
+async def queue_command(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
+    body = await read_json(request)
+    reject_unknown_fields(body, {"name", "payload", "ttl_seconds"})
+    ttl = body.get("ttl_seconds")
+    ttl_seconds = (None if ttl is None else
+                   _body_int(body, "ttl_seconds", None, 1, MAX_COMMAND_TTL_SECONDS))
+    row = await svc.run(_commands(svc).queue, request.match_info["device_id"],
+                        require_str(body, "name"), body.get("payload", {}), ttl_seconds,
+                        _actor(op))
+    return _json(command_json(row), 201)
+
+
+async def list_device_commands(request: web.Request, svc: AdminServices,
+                               op: Operator) -> web.Response:
+    items = await svc.run(_commands(svc).list, request.match_info["device_id"],
+                          _query_int(request, "limit", 100))
+    return _json({"items": [command_json(r) for r in items]})
+
+
+# --- device messages (the SQL sink) -------------------------------------------------------
+
+MAX_MESSAGES_PAGE = 1000  # messages per admin read
+
+
+async def list_device_messages(request: web.Request, svc: AdminServices,
+                               op: Operator) -> web.Response:
+    device_id = request.match_info["device_id"]
+    limit = _query_int(request, "limit", 100)
+    if not 1 <= limit <= MAX_MESSAGES_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_MESSAGES_PAGE}",
+                           hint="e.g. ?limit=100")
+    after = _query_int(request, "after", 0) if "after" in request.query else None
+
+    def load() -> list[message_rows.StoredMessage]:
+        svc.registry.get_device(device_id)  # NotFound for an unknown device
+        with svc.db.read() as conn:
+            return message_rows.list_for_device(conn, device_id, limit, after)
+    items = await svc.run(load)
+    # "next" continues after the newest message shown: poll with ?after=<next> to follow.
+    return _json({"items": [m.to_json() for m in items],
+                  "next": items[-1].id if items else after})
+
+
 async def openapi(request: web.Request, svc: AdminServices, op: Operator | None) -> web.Response:
     return _json(openapi_document())
 
@@ -564,6 +621,21 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/devices/{device_id}/revoke-certificates", Role.OPERATOR,
           revoke_device_certs, "Revoke every certificate of a device",
           {"type": "object", "additionalProperties": False, "properties": {"reason": _STR}}),
+    Route("POST", "/v1/devices/{device_id}/commands", Role.OPERATOR, queue_command,
+          "Queue a command for a device (delivered over MQTT or the HTTPS long-poll)",
+          {"type": "object", "required": ["name"], "additionalProperties": False,
+           "properties": {"name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,63}$"},
+                          "payload": {"type": "object", "description": "default {}"},
+                          "ttl_seconds": {"type": "integer", "minimum": 1,
+                                          "maximum": MAX_COMMAND_TTL_SECONDS,
+                                          "description": "undelivered commands expire "
+                                                         "after this (default: "
+                                                         "[device_api] command_ttl_seconds)"}}}),
+    Route("GET", "/v1/devices/{device_id}/commands", Role.AUDITOR, list_device_commands,
+          "List a device's commands, newest first", query=("limit",)),
+    Route("GET", "/v1/devices/{device_id}/messages", Role.AUDITOR, list_device_messages,
+          "A device's stored telemetry and events (SQL sink), oldest first: the newest "
+          "`limit`, or the first `limit` after id `after`", query=("limit", "after")),
     Route("GET", "/v1/certificates/{serial}", Role.AUDITOR, get_cert, "Show a certificate"),
     Route("POST", "/v1/certificates/{serial}/revoke", Role.OPERATOR, revoke_cert,
           "Revoke a certificate (RFC 5280 reason)",

@@ -217,6 +217,82 @@ def device_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
     _print_certs(certs)
 
 
+@device_app.command("command")
+def device_command(device_id: Annotated[str, typer.Argument(metavar="ID")],
+                   name: Annotated[str, typer.Argument(metavar="NAME",
+                                                       help="command name, e.g. reboot")],
+                   payload: Annotated[str, typer.Option(
+                       "--payload", help='a JSON object, e.g. \'{"seconds": 30}\'')] = "{}",
+                   ttl_seconds: Annotated[int | None, typer.Option(
+                       "--ttl-seconds", min=1,
+                       help="expire if not answered by then (default: server setting)")
+                   ] = None,
+                   as_json: JsonFlag = False, data_dir: DataDir = None,
+                   admin_url: AdminUrl = None, ca_file: CaFile = None) -> None:
+    """Queue a command for a device (delivered over MQTT or the HTTPS long-poll)."""
+    try:
+        body_payload = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        fail(InvalidInput(f"--payload is not valid JSON: {exc.msg}",
+                          hint='quote it for the shell, e.g. --payload \'{"seconds": 30}\''))
+    if not isinstance(body_payload, dict):
+        fail(InvalidInput("--payload must be a JSON object",
+                          hint='wrap the value, e.g. --payload \'{"value": 5}\''))
+    body: dict[str, Any] = {"name": name, "payload": body_payload}
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    with api(data_dir, admin_url, ca_file) as client:
+        command = client.post(f"/v1/devices/{_device_path(device_id)}/commands", body)
+    if as_json:
+        _print_json(command)
+        return
+    out.print(command["id"], highlight=False)
+    err.print(f"queued [bold]{command['name']}[/] for {device_id}; expires "
+              f"{command['expires_at']}", highlight=False)
+
+
+@device_app.command("commands")
+def device_commands(device_id: Annotated[str, typer.Argument(metavar="ID")],
+                    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+                    as_json: JsonFlag = False, data_dir: DataDir = None,
+                    admin_url: AdminUrl = None, ca_file: CaFile = None) -> None:
+    """List a device's commands, newest first."""
+    with api(data_dir, admin_url, ca_file) as client:
+        items = client.get(f"/v1/devices/{_device_path(device_id)}/commands",
+                           limit=limit)["items"]
+    if as_json:
+        _print_json(items)
+        return
+    _table(f"Commands of {device_id}",
+           ["id", "name", "status", "created", "expires", "completed", "result"],
+           [[c["id"], c["name"], c["status"], c["created_at"], c["expires_at"],
+             c["completed_at"],
+             None if c["result"] is None else json.dumps(c["result"])[:60]] for c in items])
+
+
+@device_app.command("messages")
+def device_messages(device_id: Annotated[str, typer.Argument(metavar="ID")],
+                    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+                    after: Annotated[int | None, typer.Option(
+                        min=0, help="only messages after this id (follow with 'next')")
+                    ] = None,
+                    as_json: JsonFlag = False, data_dir: DataDir = None,
+                    admin_url: AdminUrl = None, ca_file: CaFile = None) -> None:
+    """Show a device's stored telemetry and events (the SQL sink), oldest first."""
+    with api(data_dir, admin_url, ca_file) as client:
+        page = client.get(f"/v1/devices/{_device_path(device_id)}/messages", limit=limit,
+                          after=after)
+    if as_json:
+        _print_json(page)
+        return
+    _table(f"Messages of {device_id}",
+           ["id", "received", "kind", "type", "channel", "payload"],
+           [[m["id"], m["received_at"], m["kind"], m["message_type"], m["channel"],
+             json.dumps(m["payload"], sort_keys=True)[:80]] for m in page["items"]])
+    if page["next"] is not None:
+        out.print(f"newer: --after {page['next']}", highlight=False)
+
+
 def _state_command(name: str, target: str, sources: list[str] | None, doc: str) -> None:
     def command(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: Reason = "",
                 data_dir: DataDir = None, admin_url: AdminUrl = None,
