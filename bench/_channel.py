@@ -114,7 +114,8 @@ class Identity:
 class FleetwardServer:
     """A real ``fleetward serve`` on free ports in a fresh data directory."""
 
-    def __init__(self, data_dir: Path, pinning: Pinning) -> None:
+    def __init__(self, data_dir: Path, pinning: Pinning,
+                 settings: dict[str, dict[str, Any]] | None = None) -> None:
         import httpx  # the coordinator only; workers start without it
 
         self._httpx = httpx
@@ -126,6 +127,8 @@ class FleetwardServer:
                         f"http://127.0.0.1:{self.public_port}", "--public-port",
                         str(self.public_port), "--admin-port", str(self.admin_port)],
                        check=True, capture_output=True, timeout=120)
+        if settings:
+            apply_settings(data_dir, settings)
         self.log_file = data_dir.parent / "fleetward-server.log"
         self._log = self.log_file.open("wb")
         self.process = subprocess.Popen(
@@ -222,6 +225,39 @@ class FleetwardServer:
     def stop(self) -> None:
         stop_process(self.process)
         self._log.close()
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``section.key=value`` overrides for fleetward.toml (true/false, integers, text).
+
+    Raises:
+        ValueError: an item is not of that form.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not (sep and dot and section and key):
+            raise ValueError(f"{item!r} is not section.key=value")
+        value: Any = raw
+        if raw in ("true", "false"):
+            value = raw == "true"
+        elif raw.lstrip("-").isdigit():
+            value = int(raw)
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def apply_settings(data_dir: Path, settings: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the data directory's fleetward.toml with ``settings`` applied."""
+    from dataclasses import replace
+
+    from fleetward.config import load_settings, render_settings
+
+    current = load_settings(data_dir, env={})
+    for section, values in settings.items():
+        current = replace(current, **{section: replace(getattr(current, section), **values)})
+    (data_dir / "fleetward.toml").write_text(render_settings(current))
 
 
 def stop_process(process: subprocess.Popen[Any]) -> None:

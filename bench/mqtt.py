@@ -32,7 +32,8 @@ Figures are per server-CPU-second (utime + stime of the server process from
 
 Usage:
     python bench/mqtt.py [--count N] [--clients C] [--qos 0 1] [--payload-bytes B]
-                         [--window W] [--mqtt-version 4|5] [--no-pin] [--json]
+                         [--window W] [--batch B] [--mqtt-version 4|5]
+                         [--set SECTION.KEY=VALUE] [--no-pin] [--json]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 TOPIC = "devices/{device_id}/telemetry/bench"
 # After the clients are done, Fleetward may still be writing accepted messages to
 # SQLite; a run whose row count stops growing for this long is short, not slow.
-STORE_STALL_SECONDS = 10.0
+STORE_STALL_SECONDS = 5.0
 SYS_RECEIVED = "$SYS/broker/publish/messages/received"
 
 
@@ -284,7 +285,7 @@ def run_mosquitto(server: ch.FleetwardServer, identities: list[ch.Identity],
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     pinning = ch.Pinning.choose(not args.no_pin)
     pinning.pin_self()
-    server = ch.FleetwardServer(tmp / "data", pinning)
+    server = ch.FleetwardServer(tmp / "data", pinning, args.settings)
     try:
         identities = server.make_devices("mq", args.clients, tmp / "devices")
         baseline = run_mosquitto(server, identities, args, pinning, tmp)
@@ -310,6 +311,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "message, like a device)")
     parser.add_argument("--mqtt-version", type=int, choices=(4, 5), default=4,
                         help="4 = MQTT 3.1.1, 5 = MQTT 5.0")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a fleetward.toml setting of the Fleetward server, "
+                             "e.g. sinks.batch_max_delay_ms=5 (repeatable)")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin server and clients to different CPUs")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -319,6 +323,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.payload_bytes < 64:
         parser.error("--payload-bytes must be at least 64 (a JSON record with a counter)")
     args.qos = sorted(set(args.qos))
+    try:
+        args.settings = ch.parse_settings(args.set)
+    except ValueError as exc:
+        parser.error(f"--set: {exc}")
     return args
 
 
@@ -337,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratios_per_server_cpu_second": {f"qos{q}": round(v, 4) for q, v in ratios.items()},
             "settings": {"count_per_client": args.count, "clients": args.clients,
                          "payload_bytes": args.payload_bytes, "window": args.window,
-                         "batch": args.batch,
+                         "batch": args.batch, "fleetward_settings": args.settings,
                          "mqtt_version": args.mqtt_version},
             "pinning": outcome["pinning"], "environment": env}, indent=2))
     else:

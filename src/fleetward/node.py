@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -65,13 +66,16 @@ from fleetward.crypto.signer import (
     write_private_file,
 )
 from fleetward.crypto.x509util import load_certificate
-from fleetward.edge.channel import Admission, LiveConnections
+from fleetward.edge.channel import LiveConnections, MessageSink
 from fleetward.edge.device import build_device_app
+from fleetward.edge.device_api import DeviceApi
 from fleetward.edge.est import EstEndpoints
-from fleetward.edge.gate import LocalChanges, TrustGate
+from fleetward.edge.gate import CacheUpdate, LocalChanges, TrustGate
 from fleetward.edge.hooks import AuditWriter, ChannelHooks, flush_last_seen
+from fleetward.edge.ingest import Ingest
 from fleetward.edge.mqtt.server import MqttServer
 from fleetward.edge.public import PublicEndpoints, build_public_app
+from fleetward.edge.sinks import FanoutSink, NatsSink, SqlSink
 from fleetward.enroll import BootstrapTokens, EnrollmentService
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
 from fleetward.model import DeviceType, Role
@@ -387,7 +391,8 @@ class Node:
         # (and a flood of OCSP requests must not stall the admin API).
         return build_public_app(PublicEndpoints(self.db, self.authority, self.public_executor))
 
-    def tls_context(self, *, device_clients: bool, require_client_cert: bool = False) -> Any:
+    def tls_context(self, *, device_clients: bool,
+                    require_client_cert: bool = False) -> ssl.SSLContext:
         """Server TLS; the device listeners ask for client certificates (optional on
         HTTPS, where EST bootstrap enrollment has none; required on MQTT)."""
         ctx = server_context(self.layout.server_cert_file, self.layout.server_key_file,
@@ -422,12 +427,10 @@ class Node:
         listeners = self.settings.listeners
         runners: list[web.AppRunner] = []
         device_tls = self.tls_context(device_clients=True)
-        device_app = build_device_app(EstEndpoints(self.enrollment, self.executor))
-        sites = [
+        sites: list[tuple[web.Application, int, ssl.SSLContext | None, str]] = [
             (self.public_app(), listeners.public_port, None, "public"),
             (self.admin_app(), listeners.admin_port, self.tls_context(device_clients=False),
              "admin"),
-            (device_app, listeners.device_port, device_tls, "device"),
         ]
         loop = asyncio.get_running_loop()
 
@@ -438,11 +441,24 @@ class Node:
         # The caches must be loaded before the first device connects (until then the
         # gate refuses everyone with "server unavailable": fail closed).
         await loop.run_in_executor(self.public_executor, self.gate.load)
-        hooks = ChannelHooks(_accept_everything, self.audit_writer, self.clock,
+        sink = await self._message_sink()
+        ingest = Ingest(sink, self.commands, self.settings.device_api,
+                        self.gate.message_types_of, self.executor)
+        hooks = ChannelHooks(ingest.accept_publish, self.audit_writer, self.clock,
                              self.settings.channel.refusal_audit_window_seconds)
         mqtt_server = MqttServer(self.gate, self.live, hooks, self.settings.mqtt,
                                  self.tls_context(device_clients=True, require_client_cert=True),
                                  self.clock)
+        device_app = build_device_app(
+            EstEndpoints(self.enrollment, self.executor),
+            DeviceApi(self.gate, self.live, ingest, self.commands, self.settings.device_api,
+                      self.executor))
+        sites.append((device_app, listeners.device_port, device_tls, "device"))
+
+        def command_queued(device_id: str, command: dict[str, Any]) -> None:
+            # Called on the committing (writer) thread; MQTT state lives on the loop.
+            loop.call_soon_threadsafe(self._push_command, mqtt_server, device_id, command)
+        self.commands.add_listener(command_queued)
         try:
             await mqtt_server.start(listeners.host, listeners.mqtt_port)
             log.info("listening", listener="mqtt", host=listeners.host,
@@ -452,7 +468,7 @@ class Node:
                 await runner.setup()
                 runners.append(runner)
                 site: web.BaseSite
-                if ssl_ctx is device_tls:
+                if name == "device":
                     site = GatedTLSSite(runner, listeners.host, port, ssl_context=device_tls,
                                         on_refused=refused)
                 else:
@@ -475,39 +491,71 @@ class Node:
                     await task
         finally:
             await mqtt_server.stop()
+            await sink.close()
             for runner in runners:
                 await runner.cleanup()
             self.executor.shutdown(wait=True)
             self.public_executor.shutdown(wait=True)
             self.db.dispose()
 
+    async def _message_sink(self) -> MessageSink:
+        """The configured sinks ([sinks]): the SQL table, NATS JetStream, or both."""
+        config = self.settings.sinks
+        sinks: list[MessageSink] = []
+        if config.sql:
+            sinks.append(SqlSink(self.db, self.executor, config))
+        if config.nats_url:
+            nats = NatsSink(config.nats_url, config)
+            await nats.start()
+            sinks.append(nats)
+        if not sinks:
+            raise ConfigurationError("no message sink is configured",
+                                     hint="set [sinks] sql = true or nats_url")
+        return sinks[0] if len(sinks) == 1 else FanoutSink(sinks)
+
+    def _push_command(self, mqtt_server: MqttServer, device_id: str,
+                      command: dict[str, Any]) -> None:
+        """Deliver a newly queued command to the device's MQTT session, if it has one
+        subscribed (on the loop); long-polling HTTPS devices are woken by the service."""
+        topic = f"devices/{device_id}/commands/{command['name']}"
+        if mqtt_server.deliver(topic, json.dumps(command).encode(), qos=1):
+            self.executor.submit(self.commands.mark_delivered, [command["id"]])
+
     async def _watch_control_plane(self, stop: asyncio.Event, gate: TrustGate) -> None:
         """Apply control-plane changes (from any node) to the caches and live connections.
 
-        The read runs on a worker thread; ``apply`` runs here, on the loop that owns the
-        connections. A failed read is logged and retried: the caches keep their last
-        state (revocations already applied stay applied).
+        Reads run on a worker thread, or on the committing thread right after this
+        node's own watched changes (``LocalChanges``); ``apply`` always runs here, on
+        the loop that owns the connections, in the order the updates were read. A
+        failed read is logged and retried: the caches keep their last state
+        (revocations already applied stay applied).
         """
         loop = asyncio.get_running_loop()
         interval = self.settings.channel.change_poll_ms / 1000
-        wake = asyncio.Event()
 
-        def wake_up() -> None:  # on the committing thread
-            loop.call_soon_threadsafe(wake.set)
-        self.local_changes.bind(wake_up)
-        while not stop.is_set():
+        def schedule(update: CacheUpdate) -> None:
+            loop.call_soon_threadsafe(gate.apply, update)
+
+        def poll_now() -> None:  # on the committing thread
             try:
-                update = await loop.run_in_executor(self.public_executor, gate.poll)
-                if not update.empty:
-                    gate.apply(update)
-                gate.close_expired()
-            except FleetwardError as exc:
-                log.error("control-plane watch failed", error=exc.message)
+                gate.poll_and_schedule(schedule)
             except Exception:
-                log.exception("control-plane watch failed unexpectedly")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval)
-            wake.clear()
+                log.exception("control-plane poll after a local change failed")
+        self.local_changes.bind(poll_now)
+        try:
+            while not stop.is_set():
+                try:
+                    await loop.run_in_executor(self.public_executor, gate.poll_and_schedule,
+                                               schedule)
+                    gate.close_expired()
+                except FleetwardError as exc:
+                    log.error("control-plane watch failed", error=exc.message)
+                except Exception:
+                    log.exception("control-plane watch failed unexpectedly")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            self.local_changes.bind(None)
 
     async def _every(self, stop: asyncio.Event, seconds: float, name: str,
                      executor: ThreadPoolExecutor, job: Callable[[], Any]) -> None:
@@ -547,11 +595,6 @@ class Node:
             (OEM_TRUST_REFRESH_SECONDS, "oem-trust", self.public_executor, trust_oem_cas)]
         return [asyncio.create_task(self._every(stop, seconds, name, executor, job))
                 for seconds, name, executor, job in jobs]
-
-
-async def _accept_everything(admission: Admission, topic: str, payload: bytes, qos: int,
-                             retain: bool) -> int | None:
-    return None  # INTERIM until the ingest lands
 
 
 def serve(data_dir: Path, listeners: ListenerConfig | None) -> None:

@@ -257,7 +257,7 @@ class PahoClient:
         if self.v5:
             kwargs["clean_start"] = not self._persistent
             if self._persistent:
-                properties = Properties(PacketTypes.CONNECT)
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 properties.SessionExpiryInterval = self._expiry
         self.client.connect("localhost", self._server.mqtt_port, keepalive=30,
                             properties=properties, **kwargs)

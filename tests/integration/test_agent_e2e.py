@@ -69,7 +69,7 @@ def test_agent_run_publishes_telemetry_into_the_sql_sink(server: RunningServer, 
     assert messages(server, device_id) == []  # negative control
     result = agent("run", "--state-dir", str(state), f"--{channel}",
                    "--mqtt-url", f"mqtts://localhost:{server.mqtt_port}",
-                   "--source", "sim", "--seed", "7", "--interval", "0.05", "--count", "5",
+                   "--source", "sim", "--seed", "7", "--interval", "0.1", "--count", "5",
                    "--exit-on-refusal")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = messages(server, device_id)

@@ -239,8 +239,25 @@ def test_mqtt_bench_json_with_mqtt5_and_qos1_only() -> None:
         / report["mosquitto"]["qos1"]["per_server_cpu_second"], rel=0.01)
 
 
+def test_mqtt_bench_fails_when_fleetward_acknowledges_but_does_not_store() -> None:
+    # Negative control for the row count: with the SQL sink off and NATS JetStream as the
+    # only sink, every PUBLISH is still authorized and PUBACKed, but no row is written.
+    # A bench that trusted PUBACKs would print a (faster) figure here.
+    need_tools("openssl", "taskset", "mosquitto", "mosquitto_sub")
+    try:
+        socket.create_connection(("127.0.0.1", 4222), timeout=2).close()
+    except OSError as exc:
+        need_service(f"NATS at 127.0.0.1:4222: {exc}")
+    result = run_bench("mqtt.py", "--count", "500", "--clients", "1", "--qos", "1",
+                       "--set", "sinks.sql=false", "--set", "sinks.nats_url=nats://127.0.0.1:4222")
+    assert result.returncode != 0
+    assert "fleetward qos1: 500 sent but 0 stored" in result.stderr, result.stderr
+    assert "ratio" not in result.stdout
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--count", "0"], "at least 1"),
+    (["--set", "sinks"], "section.key=value"),
     (["--window", "0"], "at least 1"),
     (["--payload-bytes", "10"], "at least 64"),
 ])

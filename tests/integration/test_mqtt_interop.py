@@ -50,6 +50,9 @@ BANNED = 0x8A
 V311_SUBACK_FAILURE = 0x80  # MQTT 3.1.1 §3.9.3
 V311_NOT_AUTHORIZED = 5  # MQTT 3.1.1 §3.2.2.3, CONNACK return code 5
 MESSAGES = 25  # per own-topic run: enough to see a loss or a duplicate
+# A valid telemetry record (edge/ingest.py: a JSON object on devices/<id>/telemetry/<type>),
+# so that a refusal can only come from who publishes where.
+RECORD = '{"temperature_c": 21.5}'
 
 
 @pytest.fixture(scope="module")
@@ -189,15 +192,15 @@ def test_mosquitto_without_our_certificate_is_refused(
                                                                  ec.EllipticCurvePrivateKey],
         version: str, client: str) -> None:
     identity = lab(server, tmp_path, "nocert")
-    topic = f"devices/{identity.device_id}/telemetry"
-    publish_ok(server, identity, version, topic, "-m", "control")  # negative control
+    topic = f"devices/{identity.device_id}/telemetry/reading"
+    publish_ok(server, identity, version, topic, "-m", RECORD)  # negative control
 
     if client == "no certificate":
         refused = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1",
-                                "-m", "x", client_cert=False)
+                                "-m", RECORD, client_cert=False)
     else:
         cert, key = forge(tmp_path, identity.device_id, foreign_ca)
-        refused = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1", "-m", "x",
+        refused = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1", "-m", RECORD,
                                 "--cert", str(cert), "--key", str(key), client_cert=False)
     assert refused.returncode != 0, refused.stdout + refused.stderr
     assert connack(refused) is None and puback(refused) is None, refused.stdout
@@ -208,16 +211,16 @@ def test_revoked_certificate_gets_connack_banned(server: RunningServer,
     """The chain still verifies (revocation is not in the TLS trust store): the gate
     refuses at CONNECT, 0x8A on MQTT 5, return code 5 (not authorized) on 3.1.1."""
     identity = lab(server, tmp_path, "revoked")
-    topic = f"devices/{identity.device_id}/telemetry"
+    topic = f"devices/{identity.device_id}/telemetry/reading"
     for version in VERSIONS:
-        publish_ok(server, identity, version, topic, "-m", "before")  # negative control
+        publish_ok(server, identity, version, topic, "-m", RECORD)  # negative control
     with server.admin() as admin:
         revoked = admin.post(f"/v1/certificates/{identity.serial_hex}/revoke",
                              json={"reason": "key_compromise"})
         assert revoked.status_code == 200, revoked.text
     expected = {MQTT5: BANNED, MQTT311: V311_NOT_AUTHORIZED}
     for version in VERSIONS:
-        result = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1", "-m", "x")
+        result = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1", "-m", RECORD)
         assert connack(result) == expected[version], result.stdout + result.stderr
         assert puback(result) is None and result.returncode != 0
 
@@ -250,7 +253,7 @@ def test_own_device_tree_accepts_publish_and_subscribe(server: RunningServer, tm
                                                        version: str) -> None:
     identity = lab(server, tmp_path, "tree")
     own = f"devices/{identity.device_id}"
-    publish_ok(server, identity, version, f"{own}/telemetry/temp", "-m", "21.5")
+    publish_ok(server, identity, version, f"{own}/telemetry/temp", "-m", RECORD)
     # Retained on the own tree, then read back by the same device: the full round trip
     # publish → retain → subscribe → receive on devices/${device.id}/#.
     publish_ok(server, identity, version, f"{own}/config", "-m", "v1", "-r")
@@ -321,7 +324,7 @@ def pair(server: RunningServer, tmp_path: Path) -> tuple[DeviceIdentity, DeviceI
     return lab(server, tmp_path, "alice"), lab(server, tmp_path, "bob")
 
 
-OTHER_TOPICS = ["devices/{other}/telemetry", "devices/{other}/commands/reboot",
+OTHER_TOPICS = ["devices/{other}/telemetry/reading", "devices/{other}/commands/reboot",
                 "status/{other}"]
 
 
@@ -333,7 +336,7 @@ def test_publish_to_another_devices_topic_is_refused(
     alice, bob = pair
     topic = template.format(other=bob.device_id)
     own = template.replace("{other}", alice.device_id).format()
-    publish_ok(server, alice, version, own, "-m", "mine")  # negative control
+    publish_ok(server, alice, version, own, "-m", RECORD)  # negative control
 
     # The victim listens on its own tree and status on the same connection (paho), so
     # a leaked message would arrive before its own marker.
@@ -342,7 +345,7 @@ def test_publish_to_another_devices_topic_is_refused(
         assert victim.wait_connack() == 0
         assert victim.subscribe(f"devices/{bob.device_id}/#", 1) == [1]
         assert victim.subscribe(f"status/{bob.device_id}", 1) == [1]
-        result = mosquitto_pub(server, alice, version, "-t", topic, "-q", "1", "-m", "forged")
+        result = mosquitto_pub(server, alice, version, "-t", topic, "-q", "1", "-m", RECORD)
         if version == MQTT5:
             # §3.4.2.1: PUBACK 0x87; the connection stays up.
             assert puback(result) == NOT_AUTHORIZED, result.stdout + result.stderr

@@ -1,5 +1,5 @@
 """Acceptance 3 (MQTT part): a paho-mqtt 2.x matrix against a real `fleetward serve`,
-MQTT 3.1.1 and 5 × QoS 0 and 1 × clean and persistent sessions.
+MQTT 3.1.1 and 5, times QoS 0 and 1, times clean and persistent sessions.
 
 Threats: a message lost or duplicated on the way from one device to another; a
 persistent session (3.1.1 Clean Session 0, §3.1.2.4; 5.0 Clean Start 0 with a Session

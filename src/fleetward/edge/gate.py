@@ -65,9 +65,10 @@ ADMIN_CLOSE = 0x98  # MQTT 5.0 §2.4 reason code: administrative action
 
 
 class LocalChanges:
-    """Wakes the control-plane watcher as soon as *this* node commits a watched change,
-    so its own revocations and new devices apply in milliseconds; other nodes' changes
-    arrive with the next poll.
+    """Runs a poll as soon as *this* node commits a watched change, on the committing
+    thread, so the change is scheduled on the loop before the request that made it
+    returns (an admin call that revokes, then a device that reconnects, cannot race).
+    Other nodes' changes arrive with the next timed poll.
 
     ``noted`` runs inside the transaction (AuditLog.on_append), ``committed`` after it
     (Database.on_commit), both on the committing thread: a flag per thread links them,
@@ -78,7 +79,7 @@ class LocalChanges:
         self._pending = threading.local()
         self._wake: Callable[[], None] | None = None
 
-    def bind(self, wake: Callable[[], None]) -> None:
+    def bind(self, wake: Callable[[], None] | None) -> None:
         self._wake = wake
 
     def noted(self, action: str) -> None:
@@ -145,6 +146,7 @@ class TrustGate:
         self._verified: OrderedDict[bytes, VerifiedCertificate] = OrderedDict()
         self._refusal_throttle = Throttle(config.refusal_audit_window_seconds)
         self._last_seq = 0
+        self._poll_lock = threading.Lock()
         self._next_expiry_check = 0.0
         self.loaded = False
 
@@ -169,6 +171,21 @@ class TrustGate:
 
     def poll(self) -> CacheUpdate:
         """Read control-plane changes since the last poll (blocking; worker thread)."""
+        with self._poll_lock:
+            return self._poll()
+
+    def poll_and_schedule(self, schedule: Callable[[CacheUpdate], None]) -> None:
+        """``poll`` and hand a non-empty result to ``schedule`` (which queues ``apply``
+        on the loop) while still holding the lock: polls may run on several threads
+        (the watcher's, and the committing thread of this node's own changes), and
+        their updates must be applied in the order they were read, or an older device
+        row could overwrite a newer one."""
+        with self._poll_lock:
+            update = self._poll()
+            if not update.empty:
+                schedule(update)
+
+    def _poll(self) -> CacheUpdate:
         update = CacheUpdate()
         with self._db.read() as conn:
             changes, last = channel_rows.changes_since(conn, self._last_seq, WATCHED_ACTIONS)

@@ -223,12 +223,14 @@ class NatsSink:
     Args:
         url: e.g. ``nats://127.0.0.1:4222`` (credentials, if any, belong in the URL).
         config: stream name and subject prefix.
+        connect_timeout_s: how long :meth:`start` tries to reach NATS.
 
     Raises:
         ConfigurationError: an invalid stream name or subject prefix.
     """
 
-    def __init__(self, url: str, config: SinkConfig) -> None:
+    def __init__(self, url: str, config: SinkConfig, *,
+                 connect_timeout_s: float = NATS_CONNECT_TIMEOUT_SECONDS) -> None:
         if not url:
             raise ConfigurationError("[sinks] nats_url is empty",
                                      hint="e.g. nats_url = \"nats://127.0.0.1:4222\"")
@@ -241,6 +243,7 @@ class NatsSink:
                 f"[sinks] nats_subject_prefix {config.nats_subject_prefix!r} is not a "
                 f"literal subject", hint="dot-separated tokens of letters, digits, _ and -")
         self._url = url
+        self._connect_timeout = connect_timeout_s
         self.stream = config.nats_stream
         self.prefix = config.nats_subject_prefix
         self._nc: Any = None
@@ -252,8 +255,8 @@ class NatsSink:
         """Connect and create (or update) the stream on ``<prefix>.>``.
 
         Raises:
-            SinkUnavailable: NATS cannot be reached within
-                ``NATS_CONNECT_TIMEOUT_SECONDS``, or JetStream refused the stream.
+            SinkUnavailable: NATS cannot be reached within ``connect_timeout_s``, or
+                JetStream refused the stream.
         """
         nc = Client()
         try:
@@ -263,7 +266,7 @@ class NatsSink:
             await asyncio.wait_for(nc.connect(
                 self._url, connect_timeout=2, allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=NATS_RECONNECT_WAIT_SECONDS,
-                error_cb=self._on_error, name="fleetward"), NATS_CONNECT_TIMEOUT_SECONDS)
+                error_cb=self._on_error, name="fleetward"), self._connect_timeout)
             js = nc.jetstream()
             config = StreamConfig(name=self.stream, subjects=[f"{self.prefix}.>"])
             try:
