@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./fleetward-data
-DEB_PACKAGES := openssl curl softhsm2 libengine-pkcs11-openssl mosquitto-clients
+DEB_PACKAGES := openssl curl softhsm2 libengine-pkcs11-openssl mosquitto-clients mosquitto
 PYTEST_ARGS ?=
 
 .PHONY: run test lint typecheck bench clean deps

@@ -18,6 +18,7 @@ measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -64,6 +65,41 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` and all its threads, from /proc (clock-tick resolution)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _thread_ns(pid: int) -> dict[str, int] | None:
+    """On-CPU nanoseconds per thread of ``pid`` (/proc/<pid>/task/*/schedstat), or None
+    where the kernel has no schedstat."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                out[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    return out
+
+
+class CpuMeter:
+    """Server CPU time over a window, read from /proc.
+
+    /proc/<pid>/stat counts in clock ticks (10 ms), too coarse for a short run against a
+    fast server; the per-thread schedstat counters are in nanoseconds. They lose a
+    thread that ends inside the window, so then (and without schedstat) the meter falls
+    back to utime + stime.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._ticks = cpu_seconds(pid)
+        self._threads = _thread_ns(pid)
+
+    def seconds(self) -> float:
+        ticks = cpu_seconds(self.pid) - self._ticks
+        threads = _thread_ns(self.pid)
+        if self._threads is None or threads is None or set(self._threads) - set(threads):
+            return ticks
+        return sum(ns - self._threads.get(tid, 0) for tid, ns in threads.items()) / 1e9
 
 
 def environment() -> dict[str, Any]:

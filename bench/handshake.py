@@ -20,10 +20,11 @@ whatever session tickets its TLS context sends (the line says how many, counted 
   device, revocation, lifecycle, policy, client id = device id) → CONNACK, DISCONNECT.
 
 Client worker processes (``bench/_channel.py handshake-worker``) run pinned to the other
-CPU (``taskset``), one device identity each. Figures are per server-CPU-second (utime +
-stime from /proc/<pid>/stat over the timed window): a client slower than the server (an
-``openssl s_time`` would be) then does not distort the comparison; the line also says
-how busy the server was.
+CPU (``taskset``), one device identity each. Figures are per server-CPU-second (on-CPU
+time of all the server's threads over the timed window, from /proc:
+``task/*/schedstat``, else utime + stime of ``stat``): a client slower than the server
+(Python's, or an ``openssl s_time``) then does not distort the comparison; the line
+also says how busy the server was.
 
 Before the clock starts each server is checked: it presents Fleetward's certificate,
 refuses a client without a certificate, accepts a device certificate, and its ticket
@@ -173,10 +174,10 @@ def measure(name: str, pid: int, port: int, identities: list[ch.Identity],
     workers = ch.Workers(argvs, pinning, tmp)
     try:
         workers.wait_ready()
-        cpu0, wall0 = ch.cpu_seconds(pid), time.perf_counter()
+        meter, wall0 = ch.CpuMeter(pid), time.perf_counter()
         workers.go()
         results = workers.results()
-        wall, cpu = time.perf_counter() - wall0, ch.cpu_seconds(pid) - cpu0
+        wall, cpu = time.perf_counter() - wall0, meter.seconds()
     finally:
         workers.kill()
     handshakes = sum(r["handshakes"] for r in results)

@@ -27,8 +27,10 @@ received``. A QoS 1 run also needs every PUBACK. A run that stores or receives f
 messages than were sent exits non-zero: a bench that stopped storing would print
 numbers, faster ones.
 
-Figures are per server-CPU-second (utime + stime of the server process from
-/proc/<pid>/stat over the timed window) and per wall second.
+Figures are per server-CPU-second (on-CPU time of all the server's threads over the
+timed window, from /proc: ``task/*/schedstat``, else utime + stime of ``stat``) and per
+wall second; "server busy" is server CPU over wall time (below 100 %: the clients, or
+for Fleetward the fsync of each SQL batch, set the pace).
 
 Usage:
     python bench/mqtt.py [--count N] [--clients C] [--qos 0 1] [--payload-bytes B]
@@ -116,12 +118,12 @@ def publish(server: str, qos: int, pid: int, port: int, identities: list[ch.Iden
     workers = ch.Workers(argvs, pinning, tmp)
     try:
         workers.wait_ready()
-        cpu0, wall0 = ch.cpu_seconds(pid), time.perf_counter()
+        meter, wall0 = ch.CpuMeter(pid), time.perf_counter()
         workers.go()
         results = workers.results()
         sent = sum(r["sent"] for r in results)
         counted = settle(sent)
-        wall, cpu = time.perf_counter() - wall0, ch.cpu_seconds(pid) - cpu0
+        wall, cpu = time.perf_counter() - wall0, meter.seconds()
     finally:
         workers.kill()
     if qos == 1:

@@ -80,7 +80,7 @@ from fleetward.enroll import BootstrapTokens, EnrollmentService
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
 from fleetward.model import DeviceType, Role
 from fleetward.registry import Registry
-from fleetward.registry.device_commands import DeviceCommandService
+from fleetward.registry.device_commands import DeviceCommandService, device_command_json
 from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import cas as ca_rows
@@ -444,8 +444,21 @@ class Node:
         sink = await self._message_sink()
         ingest = Ingest(sink, self.commands, self.settings.device_api,
                         self.gate.message_types_of, self.executor)
+        def resend_open_commands(device_id: str) -> None:  # on the loop
+            fetched = loop.run_in_executor(self.public_executor, self.commands.pending,
+                                           device_id)
+
+            def push(done: asyncio.Future[list[Any]]) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    log.error("reading open commands failed", device_id=device_id,
+                              error=repr(done.exception()))
+                    return
+                for row in done.result():
+                    self._push_command(mqtt_server, device_id, device_command_json(row))
+            fetched.add_done_callback(push)
         hooks = ChannelHooks(ingest.accept_publish, self.audit_writer, self.clock,
-                             self.settings.channel.refusal_audit_window_seconds)
+                             self.settings.channel.refusal_audit_window_seconds,
+                             resend_open_commands)
         mqtt_server = MqttServer(self.gate, self.live, hooks, self.settings.mqtt,
                                  self.tls_context(device_clients=True, require_client_cert=True),
                                  self.clock)

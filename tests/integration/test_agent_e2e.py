@@ -79,20 +79,26 @@ def test_agent_run_publishes_telemetry_into_the_sql_sink(server: RunningServer, 
     assert all(isinstance(r["payload"], dict) and r["payload"] for r in rows)
 
 
+@pytest.mark.parametrize("queued_first", [False, True], ids=["online", "queued-offline"])
 @pytest.mark.parametrize("channel", ["mqtt", "https"])
-def test_agent_run_answers_a_command_queued_by_the_operator(server: RunningServer,
-                                                            tmp_path: Path, channel: str) -> None:
-    device_id = f"agent-cmd-{channel}"
+def test_agent_run_answers_a_command_queued_by_the_operator(
+        server: RunningServer, tmp_path: Path, channel: str, queued_first: bool) -> None:
+    """Online: the command is pushed to the live session. Queued-offline: it waits in
+    the database and reaches the device when it subscribes (MQTT) or polls (HTTPS)."""
+    device_id = f"agent-cmd-{channel}-{'q' if queued_first else 'o'}"
     state = enrolled_agent(server, tmp_path, device_id)
+    if queued_first:
+        server.cli("device", "command", device_id, "ping", "--payload", "{}")
     process = subprocess.Popen(
         [*AGENT, "run", "--state-dir", str(state), f"--{channel}",
          "--mqtt-url", f"mqtts://localhost:{server.mqtt_port}", "--source", "none",
          "--poll-wait", "2", "--exit-on-refusal"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(1.0)  # let it connect and subscribe (or start long-polling)
-        queued = server.cli("device", "command", device_id, "ping", "--payload", "{}")
-        assert queued.returncode == 0
+        if not queued_first:
+            time.sleep(1.0)  # let it connect and subscribe (or start long-polling)
+            queued = server.cli("device", "command", device_id, "ping", "--payload", "{}")
+            assert queued.returncode == 0
         deadline = time.monotonic() + 20
         done: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not done:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import os
 import random
 import socket
 import ssl
@@ -217,16 +218,20 @@ class RecordingHooks:
     """Records what the server hands over; refuses topics listed in ``refuse``."""
 
     refuse: dict[str, int] = field(default_factory=dict)
+    fail: set[str] = field(default_factory=set)  # topics whose sink raises
     max_delay_seconds: float = 0.0  # random sink latency, to prove ordering
     accepted: list[Accepted] = field(default_factory=list)
     audits: list[tuple[str, str | None, str, dict[str, Any]]] = field(default_factory=list)
     connects: list[tuple[str, str]] = field(default_factory=list)
     disconnects: list[tuple[str, str]] = field(default_factory=list)
+    subscriptions: list[tuple[str, list[str]]] = field(default_factory=list)
 
     async def accept_publish(self, admission: Admission, topic: str, payload: bytes,
                              qos: int, retain: bool) -> int | None:
         if self.max_delay_seconds:
             await asyncio.sleep(random.uniform(0, self.max_delay_seconds))
+        if topic in self.fail:
+            raise RuntimeError("sink unavailable")
         code = self.refuse.get(topic)
         if code is not None:
             return code
@@ -244,6 +249,9 @@ class RecordingHooks:
     def disconnected(self, admission: Admission, reason: str) -> None:
         self.disconnects.append((admission.device_id, reason))
 
+    def subscribed(self, admission: Admission, topic_filters: list[str]) -> None:
+        self.subscriptions.append((admission.device_id, list(topic_filters)))
+
     def audited(self, action: str) -> list[dict[str, Any]]:
         return [details for name, _, _, details in list(self.audits) if name == action]
 
@@ -258,7 +266,12 @@ class ServerThread:
         self.gate = CnGate()
         self.live = LiveConnections()
         self.hooks = RecordingHooks()
-        self.loop = asyncio.new_event_loop()
+        # The node runs on uvloop; FLEETWARD_TEST_UVLOOP=1 runs these tests on it too.
+        if os.environ.get("FLEETWARD_TEST_UVLOOP"):
+            import uvloop
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = MqttServer(self.gate, self.live, self.hooks, config,

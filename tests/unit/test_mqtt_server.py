@@ -285,6 +285,20 @@ def test_sink_refusal_reason_codes(server: ServerThread) -> None:
     assert v311.until_closed() == []
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.01], ids=["sink-answers-at-once", "sink-suspends"])
+def test_failing_sink_fails_closed(server: ServerThread, delay: float) -> None:
+    server.hooks.fail.add("devices/d1/telemetry/t")
+    server.hooks.max_delay_seconds = delay
+    monitor = connected(server, "monitor")
+    subscribe(monitor, "devices/+/telemetry/#", 0)
+    client = connected(server, "d1")
+    client.send(c.Publish("devices/d1/telemetry/t", b"1", 1, packet_id=1))
+    assert client.expect(c.Puback).reason_code == 0x80  # not accepted, not routed
+    client.send(c.Publish("devices/d1/telemetry/ok", b"2", 1, packet_id=2))
+    assert client.expect(c.Puback).reason_code == 0
+    assert monitor.expect(c.Publish).payload == b"2"
+
+
 def test_policy_change_applies_to_the_live_connection(server: ServerThread) -> None:
     from tests.unit.mqtt_support import RulePolicy, default_rules
 
@@ -534,6 +548,25 @@ def test_takeover_closes_the_old_connection_and_is_audited(server: ServerThread,
     assert takeovers and takeovers[-1]["previous_source"] == first_source
     assert server.deliver("devices/d1/commands/x", b"to-second") == 1
     assert second.expect(c.Publish).payload == b"to-second"
+    assert [device for device, _ in server.hooks.connects] == ["d1", "d1"]
+    # A takeover with Clean Start discards the session (§3.1.2.4): nothing subscribed.
+    third = RawClient(server, "d1", version)
+    assert not third.connect("d1", clean_start=True).session_present
+    second.until_closed()
+    assert server.deliver("devices/d1/commands/y", b"") == 0
+
+
+def test_deliver_checks_its_input(server: ServerThread) -> None:
+    from fleetward.errors import Conflict, InvalidInput
+
+    with pytest.raises(InvalidInput):
+        server.deliver("devices/+/commands/x", b"")  # a filter is not a topic name
+    with pytest.raises(InvalidInput):
+        server.deliver("devices/d1/commands/x", b"", qos=3)
+    full = server.call(lambda: server.server.broker.retained)
+    full.limit = 0
+    with pytest.raises(Conflict):
+        server.deliver("devices/d1/commands/x", b"keep", retain=True)
 
 
 def test_outbound_flow_control_respects_receive_maximum(server: ServerThread) -> None:

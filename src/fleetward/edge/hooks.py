@@ -15,6 +15,7 @@ from fleetward.audit import AuditLog
 from fleetward.clock import Clock
 from fleetward.edge.channel import Admission
 from fleetward.model import AuditEvent
+from fleetward.policy.topics import filters_intersect
 from fleetward.store import Database
 from fleetward.store import channel as channel_rows
 
@@ -81,8 +82,10 @@ class ChannelHooks:
     UNTHROTTLED = frozenset({"mqtt.session_taken_over"})
 
     def __init__(self, accept: AcceptPublish, writer: AuditWriter, clock: Clock,
-                 audit_window_seconds: float) -> None:
+                 audit_window_seconds: float,
+                 commands_subscribed: Callable[[str], None] | None = None) -> None:
         self._accept = accept
+        self._commands_subscribed = commands_subscribed
         self._writer = writer
         self._clock = clock
         self._throttle = Throttle(audit_window_seconds)
@@ -109,6 +112,14 @@ class ChannelHooks:
 
     def disconnected(self, admission: Admission, reason: str) -> None:
         self._last_seen[admission.device_id] = self._clock.now()
+
+    def subscribed(self, admission: Admission, topic_filters: list[str]) -> None:
+        """A device that subscribes to its command topic gets its open commands again
+        (commands queued while it was away, or sent but never answered)."""
+        commands_topic = f"devices/{admission.device_id}/commands/+"
+        if self._commands_subscribed is not None and any(
+                filters_intersect(f, commands_topic) for f in topic_filters):
+            self._commands_subscribed(admission.device_id)
 
     def seen(self, device_id: str) -> None:
         self._last_seen[device_id] = self._clock.now()

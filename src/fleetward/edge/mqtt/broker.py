@@ -210,6 +210,8 @@ class Broker:
         One delivery per session, at the highest QoS of its matching subscriptions and
         with all their Subscription Identifiers (5.0 §3.3.4).
         """
+        if not len(self._trie):
+            return 0
         topic = message.topic
         matched: dict[Session, list[Subscriber]] = {}
         for subscriber in self._trie.match(topic):

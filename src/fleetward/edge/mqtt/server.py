@@ -75,6 +75,9 @@ CLOSE_GRACE_SECONDS: Final = 0.5
 # How often expired sessions and delayed wills are looked at; the clock has whole
 # seconds, so a finer tick would buy nothing.
 HOUSEKEEPING_SECONDS: Final = 0.5
+# A device publishes to a handful of topics: remembering the names that passed the
+# checks saves re-validating them per message. Bounded; cleared when full.
+VALID_TOPIC_CACHE_ENTRIES: Final = 64
 # §3.1.2.10: no packet for one and a half Keep Alive periods means the client is gone.
 KEEPALIVE_GRACE_FACTOR: Final = 1.5
 # A session timer fires one second late rather than early: the clock truncates to
@@ -114,6 +117,11 @@ class MqttHooks(Protocol):
 
     def disconnected(self, admission: Admission, reason: str) -> None:
         """A connected device's connection ended (``reason`` is for logs)."""
+        ...
+
+    def subscribed(self, admission: Admission, topic_filters: list[str]) -> None:
+        """A SUBACK granted these filters (after retained messages were queued): the
+        node resends the device's open commands when it subscribes to them."""
         ...
 
 
@@ -231,7 +239,8 @@ class MqttServer:
 
     def deliver(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish a server-originated message (a device command) to every matching
-        subscription whose policy allows ``mqtt:receive``.
+        subscription whose policy allows ``mqtt:receive``. Call it on the server's
+        event loop (``loop.call_soon_threadsafe`` from other threads).
 
         Args:
             topic: a valid topic name within the configured limits.
@@ -289,6 +298,24 @@ class MqttServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def start_accept(self, admission: Admission, topic: str, payload: bytes, qos: int,
+                     retain: bool) -> tuple[int | None, asyncio.Future[Any] | None]:
+        """Run ``hooks.accept_publish`` eagerly: ``(code, None)`` when it answered
+        without suspending, else ``(None, task)`` continuing where it stopped.
+
+        Python 3.12's eager tasks, by hand for 3.11: a sink that accepts from memory
+        costs a coroutine call instead of a Task and two trips through the event loop.
+        """
+        coro = self.hooks.accept_publish(admission, topic, payload, qos, retain)
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            return (None if done.value is None else int(done.value)), None
+        except Exception as exc:
+            log.error("mqtt accept_publish failed", error=repr(exc))
+            return int(ReasonCode.UNSPECIFIED_ERROR), None
+        return None, self.spawn(_Resumed(coro, first).run())
 
     def detached(self, session: Session, admission: Admission, will: c.Will | None,
                  source: str, after: asyncio.Future[Any] | None) -> None:
@@ -385,6 +412,40 @@ def _result_code(future: asyncio.Future[Any]) -> int | None:
     return int(result)
 
 
+class _Resumed:
+    """A coroutine that already ran its first step (and yielded ``first``, the future it
+    waits for), made awaitable again so a Task can drive the rest of it."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    async def run(self) -> Any:
+        return await self
+
+    def __await__(self) -> Any:
+        coro = self.coro
+        value = self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the Task (e.g. cancellation)
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
 # --- one connection ----------------------------------------------------------------------------
 
 _STEP_PUBLISH: Final = 0  # an inbound PUBLISH waiting for accept_publish
@@ -393,7 +454,7 @@ _STEP_WRITE: Final = 2  # bytes to send after the acknowledgements before them
 
 
 class _Step:
-    __slots__ = ("data", "future", "kind", "packet", "size", "watched")
+    __slots__ = ("code", "data", "future", "kind", "packet", "size", "watched")
 
     def __init__(self, kind: int, packet: Any = None,
                  future: asyncio.Future[Any] | None = None, data: bytes = b"",
@@ -404,6 +465,7 @@ class _Step:
         self.data = data
         self.size = size
         self.watched = False
+        self.code: int | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -435,6 +497,10 @@ class _Connection(asyncio.Protocol):
         self.last_packet = 0.0
         self.live_key: int | None = None
         self.pipeline: deque[_Step] = deque()
+        self.out: list[bytes] = []  # written this loop iteration, not yet flushed
+        self.out_bytes = 0
+        self.flush_scheduled = False
+        self.valid_topics: set[str] = set()  # topic names this client used that passed
         self.pipeline_bytes = 0
         self.unacked_in = 0  # inbound QoS > 0 PUBLISHes not yet acknowledged
         self.timer: asyncio.TimerHandle | None = None
@@ -467,7 +533,7 @@ class _Connection(asyncio.Protocol):
                                 self.version)
         if self.client_max_packet is not None and len(data) > self.client_max_packet:
             return False  # 5.0 §3.1.2.11.4: discard as if delivered
-        transport.write(data)
+        self._send(data)
         self.server.broker.counters.messages_out += 1
         return True
 
@@ -540,6 +606,7 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         transport = self.transport
         if transport is not None:
+            self._flush()
             if code is not None and self.version == c.MQTT_5 and self.admission is not None:
                 properties = (c.Properties(reason_string=reason[:200]) if reason
                               else c.EMPTY_PROPERTIES)
@@ -586,7 +653,7 @@ class _Connection(asyncio.Protocol):
                           {"reason_code": code, "detail": message[:200]})
         if (self.admission is None and code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
                 and self.transport is not None and not self.closing):
-            self.transport.write(V311_UNSUPPORTED_VERSION_CONNACK)
+            self._send(V311_UNSUPPORTED_VERSION_CONNACK)
         self.close(f"protocol error: {message}", will=True, code=code, reason=message)
 
     def _cancel_timer(self) -> None:
@@ -678,8 +745,39 @@ class _Connection(asyncio.Protocol):
                                     f"{type(packet).__name__} is sent by servers, not clients")
 
     def _write(self, packet: c.Packet) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.write(c.encode(packet, self.version))
+        if self.transport is None or self.closing:
+            return
+        data = c.encode(packet, self.version)
+        if (self.client_max_packet is not None and len(data) > self.client_max_packet
+                and hasattr(packet, "properties")):
+            # 5.0 §3.1.2.11.4: leave out the Reason String and User Properties rather
+            # than exceed the client's Maximum Packet Size.
+            with_properties: Any = packet
+            data = c.encode(dataclasses.replace(with_properties,
+                                                properties=c.EMPTY_PROPERTIES), self.version)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Queue bytes for the transport; everything one loop iteration writes goes out
+        as one write (a TLS record per small ack would cost more than the ack)."""
+        self.out.append(data)
+        self.out_bytes += len(data)
+        if self.out_bytes >= WRITE_BUFFER_LOW_BYTES:
+            self._flush()
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if not self.out:
+            return
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
+        self.out_bytes = 0
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)  # may call pause_writing
 
     def _write_in_order(self, packet: c.Packet) -> None:
         """Acknowledgements go out in the order of the packets they answer (§4.6)."""
@@ -712,7 +810,7 @@ class _Connection(asyncio.Protocol):
                 packet = c.Connack(False, code, c.Properties(reason_string=reason[:200]))
             else:
                 packet = c.Connack(False, _v311_connack(code))
-            self.transport.write(c.encode(packet, self.version))
+            self._send(c.encode(packet, self.version))
         self.close(f"connect refused: {reason}", will=False)
 
     def _on_connect(self, packet: c.Connect) -> None:
@@ -864,11 +962,15 @@ class _Connection(asyncio.Protocol):
                                         "(§3.3.4 [MQTT-3.3.4-6])")
         topic = packet.topic
         config = self.config
-        try:
-            validate_topic_name(topic, max_bytes=config.max_topic_bytes,
-                                max_levels=config.max_topic_levels)
-        except InvalidInput as exc:
-            raise c.MalformedPacket(ReasonCode.TOPIC_NAME_INVALID, exc.message) from exc
+        if topic not in self.valid_topics:
+            try:
+                validate_topic_name(topic, max_bytes=config.max_topic_bytes,
+                                    max_levels=config.max_topic_levels)
+            except InvalidInput as exc:
+                raise c.MalformedPacket(ReasonCode.TOPIC_NAME_INVALID, exc.message) from exc
+            if len(self.valid_topics) >= VALID_TOPIC_CACHE_ENTRIES:
+                self.valid_topics.clear()
+            self.valid_topics.add(topic)
         session = self.session
         packet_id = packet.packet_id or 0
         if qos:
@@ -909,10 +1011,14 @@ class _Connection(asyncio.Protocol):
             return
         if qos == 2:
             session.inbound_qos2.add(packet_id)
-        future = server.spawn(server.hooks.accept_publish(admission, topic, packet.payload, qos,
-                                                          packet.retain))
+        code, future = server.start_accept(admission, topic, packet.payload, qos,
+                                           packet.retain)
+        if future is None and not self.pipeline:
+            self._complete_publish(packet, code)  # the common case: answered at once
+            return
         size = len(packet.payload)
         step = _Step(_STEP_PUBLISH, packet, future, size=size)
+        step.code = code
         self.pipeline.append(step)
         self.pipeline_bytes += size
         if qos:
@@ -962,7 +1068,7 @@ class _Connection(asyncio.Protocol):
             return
         elif step.kind == _STEP_WRITE:
             if self.transport is not None:
-                self.transport.write(step.data)
+                self._send(step.data)
         else:
             packet = step.packet
             if isinstance(packet, c.Subscribe):
@@ -977,10 +1083,14 @@ class _Connection(asyncio.Protocol):
     def _finish_publish(self, step: _Step) -> None:
         packet: c.Publish = step.packet
         self.pipeline_bytes -= step.size
-        qos = packet.qos
-        if qos:
+        if packet.qos:
             self.unacked_in -= 1
-        code = _result_code(step.future) if step.future is not None else None
+        code = _result_code(step.future) if step.future is not None else step.code
+        self._complete_publish(packet, code)
+
+    def _complete_publish(self, packet: c.Publish, code: int | None) -> None:
+        """The sinks answered: route and acknowledge, or refuse (in arrival order)."""
+        qos = packet.qos
         server = self.server
         admission = self.admission
         if code is None:
@@ -1088,6 +1198,13 @@ class _Connection(asyncio.Protocol):
         self._write(c.Suback(packet.packet_id, tuple(codes), properties))
         for subscriber in retained:
             broker.retained_for(subscriber)
+        granted_filters = [wanted.topic_filter for wanted, code in zip(
+            packet.subscriptions, codes, strict=True) if code <= 1]
+        if granted_filters:
+            try:
+                self.server.hooks.subscribed(admission, granted_filters)
+            except Exception:
+                log.exception("mqtt subscribed hook failed")
 
     def _on_unsubscribe(self, packet: c.Unsubscribe) -> None:
         session = self.session
