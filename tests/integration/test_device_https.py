@@ -32,19 +32,23 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import select
 
 from fleetward.agent.est_client import build_csr
 from fleetward.ca.pipeline import IssueRequest
 from fleetward.ca.profiles import profiles_from_config
-from fleetward.config import CAConfig, ChannelConfig, DeviceApiConfig
+from fleetward.config import CAConfig, ChannelConfig, DeviceApiConfig, SinkConfig
 from fleetward.edge.channel import Admission, LiveConnections
 from fleetward.edge.device import build_device_app
 from fleetward.edge.device_api import CONNECTIONS_KEY, DeviceApi
 from fleetward.edge.gate import TrustGate
-from fleetward.errors import InvalidInput
+from fleetward.edge.ingest import Ingest
+from fleetward.edge.sinks import SqlSink
 from fleetward.model import AuditEvent, LifecycleState, format_serial
 from fleetward.registry.device_commands import DeviceCommandService
 from fleetward.registry.policies import PolicyService
+from fleetward.store import Database
+from fleetward.store.schema import device_messages
 from fleetward.web.tls import server_context
 from fleetward.web.tls_gate import GatedTLSSite
 from tests.conftest import IN_CI, Stack, free_port
@@ -70,19 +74,34 @@ class Identity:
         return ctx
 
 
-class RecordingIntake:
-    """Stands in for ``fleetward.edge.intake.Intake`` (written in parallel): records what
-    it accepted, refuses the message type "bad" the way the real one refuses input."""
+class StoredMessages:
+    """What the real ingest stored in the real SQL sink, in order."""
 
-    def __init__(self) -> None:
-        self.accepted: list[tuple[str, str, str, Any]] = []
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @property
+    def accepted(self) -> list[tuple[str, str, str, Any]]:
+        with self._db.read() as conn:
+            rows = conn.execute(select(device_messages).order_by(device_messages.c.id))
+            return [(r.device_id, r.kind, r.message_type, r.payload) for r in rows]
+
+
+class LazyIngest:
+    """Builds the real ``Ingest`` over a real ``SqlSink`` on first use, on the serving
+    loop (the sink's batching task belongs to that loop)."""
+
+    def __init__(self, server: DeviceServer) -> None:
+        self._server = server
 
     async def accept_http(self, admission: Admission, kind: str, message_type: str,
                           data: Any) -> None:
-        if message_type == "bad":
-            raise InvalidInput(f"message type {message_type!r} is not allowed",
-                               hint="use a type listed for the device type")
-        self.accepted.append((admission.device_id, kind, message_type, data))
+        server = self._server
+        if server.ingest is None:
+            sink = SqlSink(server.stack.db, server.executor, SinkConfig())
+            server.ingest = Ingest(sink, server.commands, CONFIG, server.gate.message_types_of,
+                                   server.executor)
+        await server.ingest.accept_http(admission, kind, message_type, data)
 
 
 def write_pair(directory: Path, name: str, cert_pem: str,
@@ -123,8 +142,10 @@ class DeviceServer:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-device-db")
         self.commands = DeviceCommandService(stack.db, stack.audit, stack.clock, CONFIG,
                                              self.executor)
-        self.intake = RecordingIntake()
-        self.app = build_device_app(api=DeviceApi(self.gate, self.live, self.intake,
+        # The real ingest and SQL sink (built on the serving loop, where they run).
+        self.intake = StoredMessages(stack.db)
+        self.ingest: Ingest | None = None
+        self.app = build_device_app(api=DeviceApi(self.gate, self.live, LazyIngest(self),
                                                   self.commands, CONFIG, self.executor))
         self.port = free_port()
         self.loop = uvloop.new_event_loop()
@@ -392,8 +413,8 @@ BAD_BODIES: list[tuple[str, str, bytes, str, int, str]] = [
      "application/json", 400, "object"),
     ("above the message limit", "/v1/telemetry/reading",
      json.dumps({"blob": "x" * 6000}).encode(), "application/json", 413, "larger than"),
-    ("refused by the intake", "/v1/telemetry/bad", b'{"t": 1}', "application/json", 400,
-     "not allowed"),
+    ("refused by the intake", "/v1/telemetry/Bad", b'{"t": 1}', "application/json", 400,
+     "invalid message type"),
 ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, select, text
 
 from fleetward.enroll import BootstrapRefused, BootstrapTokens
@@ -172,7 +173,10 @@ def test_migrations_upgrade_a_0001_database(tmp_path: Path) -> None:
     db.dispose()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
         assert conn.execute(text("SELECT count(*) FROM bootstrap_tokens")).scalar() == 0
         assert conn.execute(text("SELECT count(*) FROM oem_bindings")).scalar() == 0
+        for table in ("policies", "policy_attachments", "device_messages", "device_commands"):
+            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
     engine.dispose()
