@@ -94,6 +94,9 @@ class MqttConfig:
     max_queued_messages: int = 1000  # per session; beyond it QoS 1 messages are dropped
     max_subscriptions_per_session: int = 64
     max_retained_messages: int = 100000  # whole server; beyond it new retains are refused
+    # Payload bytes of all retained messages together: without it 100,000 messages of
+    # the maximum packet size would be 25 GiB of memory.
+    max_retained_bytes: int = 67108864
     connect_timeout_seconds: int = 10  # TLS + CONNECT must finish within this
 
     def __post_init__(self) -> None:

@@ -463,7 +463,7 @@ class Node:
                                  self.tls_context(device_clients=True, require_client_cert=True),
                                  self.clock)
         device_app = build_device_app(
-            EstEndpoints(self.enrollment, self.executor),
+            EstEndpoints(self.enrollment, self.executor, self.gate),
             DeviceApi(self.gate, self.live, ingest, self.commands, self.settings.device_api,
                       self.executor))
         sites.append((device_app, listeners.device_port, device_tls, "device"))

@@ -544,3 +544,44 @@ def test_expired_commands_are_not_offered(server: DeviceServer) -> None:
     server.stack.clock.advance(dt.timedelta(seconds=61))
     with server.client(own) as device:
         assert device.get("/v1/commands").json() == {"items": []}
+
+
+def test_a_long_poll_that_outlives_a_quarantine_hands_nothing_out(server: DeviceServer) -> None:
+    """The device was quarantined while its long-poll waited: the command queued
+    meanwhile must not reach it (quarantined devices get recovery routes only)."""
+    own = server.device("d1")
+    answer: dict[str, httpx.Response] = {}
+
+    def poll() -> None:
+        with server.client(own) as device:
+            answer["poll"] = device.get("/v1/commands", params={"wait": 3})
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    wait_until(lambda: server.commands.waiting() == 1, "the long-poll to wait")
+    server.stack.registry.change_state("d1", LifecycleState.QUARANTINED, "operator:test")
+    server.sync()
+    queued = server.commands.queue("d1", "reboot", {}, None, "operator:x")
+    thread.join(WAIT)
+    assert answer["poll"].status_code == 403, answer["poll"].text
+    assert server.commands.get(queued.id).status == "pending"  # never handed out
+
+
+def test_the_envelope_form_cannot_bypass_a_per_type_route_rule(server: DeviceServer) -> None:
+    own = server.device("d1")
+    server.policies.put("no-dumps", {"statements": [
+        {"sid": "telemetry", "effect": "allow", "actions": ["http:POST"],
+         "resources": ["v1/telemetry", "v1/telemetry/+"]},
+        {"sid": "no-dumps", "effect": "deny", "actions": ["http:POST"],
+         "resources": ["v1/telemetry/firmware-dump"]}]}, "operator:test")
+    server.policies.attach("no-dumps", "device", "d1", "operator:test")
+    server.sync()
+    with server.client(own) as device:
+        problem(device.post("/v1/telemetry/firmware-dump", json={"x": 1}), 403)
+        body = problem(device.post("/v1/telemetry", json={"type": "firmware-dump",
+                                                          "data": {"x": 1}}), 403)
+        assert "no-dumps" in body["detail"]
+        # Negative control: another type through the envelope still goes through.
+        assert device.post("/v1/telemetry", json={"type": "reading", "data": {"t": 1}}
+                           ).status_code == 202
+    assert server.intake.accepted == [("d1", "telemetry", "reading", {"t": 1})]

@@ -270,3 +270,32 @@ def test_client_id_must_match_the_certificate_and_takeover_is_audited(
                 if e["target"] == f"device:{identity.device_id}"]
             time.sleep(0.1)
         assert rows, "takeover not audited"
+
+
+def _reenroll(server: RunningServer, identity: DeviceIdentity) -> httpx.Response:
+    import base64
+
+    from tests.integration.enroll_helpers import csr_der
+    with _https(server, identity) as client:
+        return client.post("/.well-known/est/simplereenroll",
+                           content=base64.encodebytes(csr_der(identity.device_id)),
+                           headers={"Content-Type": "application/pkcs10"})
+
+
+def test_est_reenroll_is_decided_by_the_device_policy(server: RunningServer,
+                                                      tmp_path: Path) -> None:
+    denied = make_device(server, tmp_path, "reenroll-denied")
+    allowed = make_device(server, tmp_path, "reenroll-allowed")
+    with server.admin() as admin:
+        assert admin.put("/v1/policies/no-reenroll", json={"statements": [
+            {"sid": "default-ish", "effect": "allow", "actions": ["mqtt:connect"],
+             "resources": ["${device.id}"]},
+            {"sid": "no-renewal", "effect": "deny", "actions": ["est:reenroll"],
+             "resources": ["#"]}]}).status_code in (200, 201)
+        assert admin.post("/v1/policies/no-reenroll/attachments",
+                          json={"device": denied.device_id}).status_code in (200, 201)
+    refused = _reenroll(server, denied)
+    assert refused.status_code == 403, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert "no-renewal" in refused.json()["detail"]
+    assert _reenroll(server, allowed).status_code == 200  # negative control: default policy

@@ -197,6 +197,11 @@ class CnGate:
         self.admissions.append(admission)
         return admission
 
+    def recheck(self, admission: Admission) -> Admission | Refused:
+        if admission.device_id in self.banned:
+            return Refused(Refusal.BANNED, "the certificate is revoked")
+        return admission
+
     def current(self, device_id: str) -> Admission:
         return [a for a in self.admissions if a.device_id == device_id][-1]
 

@@ -296,3 +296,32 @@ def test_local_commits_of_watched_changes_wake_the_watcher(stack: Stack) -> None
     finally:
         stack.audit.on_append = None
         stack.db.on_commit = None
+
+
+def test_an_expired_certificate_is_refused_even_if_tls_let_it_through(harness: Harness) -> None:
+    """A resumed TLS session presents the original certificate without OpenSSL checking
+    its validity again; the gate checks the period itself."""
+    der, _ = issue(harness.stack, "d1")
+    harness.sync()
+    admitted(harness.gate.admit(der, channel="https"))  # negative control
+    harness.stack.clock.advance(dt.timedelta(days=400))  # past the 365-day validity
+    verdict = refused(harness.gate.admit(der, channel="https"))
+    assert verdict.code is Refusal.BAD_CREDENTIALS and "expired" in verdict.reason
+
+
+def test_a_flood_of_unrelated_audit_rows_does_not_delay_a_revocation(harness: Harness) -> None:
+    """Refused logins and enrollments write audit rows nobody throttles; the change feed
+    must still deliver the revocation behind them in one poll."""
+    der, serial = issue(harness.stack, "d1")
+    harness.sync()
+    _, conn = connect(harness, der, "mqtt")
+    with harness.stack.db.transaction() as c:
+        for i in range(2500):
+            harness.stack.audit.append(c, AuditEvent(
+                action="admin.authentication_failed", actor=f"remote:192.0.2.{i % 250}",
+                target="admin", outcome="failure"))
+    harness.stack.registry.revoke_certificate(serial, "key_compromise", "operator:test")
+    harness.sync()  # one poll
+    assert conn.closed is not None and conn.closed[0] == 0x98
+    assert refused(harness.gate.admit(der, channel="mqtt", client_id="d1")).code \
+        is Refusal.BANNED

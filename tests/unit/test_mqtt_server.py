@@ -385,6 +385,22 @@ def test_retained_store_limit(make_server: Callable[..., ServerThread]) -> None:
     assert device.expect(c.Puback).reason_code == 0  # replacing needs no room
 
 
+def test_retained_store_byte_budget(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(max_retained_bytes=10)
+    device = connected(server, "d1")
+    device.send(c.Publish("devices/d1/telemetry/a", b"12345678", 1, retain=True, packet_id=1))
+    assert device.expect(c.Puback).reason_code == 0
+    device.send(c.Publish("devices/d1/telemetry/b", b"123", 1, retain=True, packet_id=2))
+    assert device.expect(c.Puback).reason_code == 0x97  # 8 + 3 > 10
+    device.send(c.Publish("devices/d1/telemetry/a", b"1234567890", 1, retain=True,
+                          packet_id=3))
+    assert device.expect(c.Puback).reason_code == 0  # a replacement frees the old bytes
+    device.send(c.Publish("devices/d1/telemetry/a", b"", 1, retain=True, packet_id=4))
+    assert device.expect(c.Puback).reason_code == 0  # cleared: the budget is free again
+    device.send(c.Publish("devices/d1/telemetry/b", b"123", 1, retain=True, packet_id=5))
+    assert device.expect(c.Puback).reason_code == 0
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_will_on_abnormal_close_only(server: ServerThread, version: int) -> None:
     monitor = connected(server, "monitor")
@@ -436,6 +452,27 @@ def test_will_delay_and_reconnect_cancel(make_server: Callable[..., ServerThread
     assert monitor.expect(c.Publish).payload == b"marker"
     clock.advance(dt.timedelta(seconds=30))  # now the second close's delay has passed
     assert monitor.expect(c.Publish, timeout=3).payload == b"late"
+
+
+def test_delayed_will_of_a_device_revoked_meanwhile_is_not_published(
+        make_server: Callable[..., ServerThread]) -> None:
+    """The device dropped off with a Will Delay; the operator then revoked it. When the
+    delay ends the gate is asked again and the will is dropped (and audited)."""
+    clock = frozen()
+    server = make_server(clock=clock)
+    monitor = connected(server, "monitor")
+    subscribe(monitor, "devices/+/events/#", 0)
+    will = c.Will("devices/d1/events/offline", b"late",
+                  properties=c.Properties(will_delay_interval=30))
+    device = connected(server, "d1", will=will, properties=expiry(300))
+    device.close()
+    wait_until(lambda: server.stats().connections == 1, what="close seen")
+    server.gate.banned.add("d1")  # revoked while away
+    clock.advance(dt.timedelta(seconds=40))
+    server.deliver("devices/marker/events/x", b"marker", 0)
+    assert monitor.expect(c.Publish, timeout=3).payload == b"marker"
+    wait_until(lambda: bool(server.hooks.audited("mqtt.will_denied")), what="will dropped")
+    assert [a.topic for a in server.hooks.accepted] == []
 
 
 def test_no_will_when_the_control_plane_closes(server: ServerThread) -> None:

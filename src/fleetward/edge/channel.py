@@ -113,6 +113,11 @@ class DeviceGate(Protocol):
         """
         ...
 
+    def recheck(self, admission: Admission) -> Admission | Refused:
+        """Decide again, from the current caches, for a device acting while no longer
+        connected (a delayed Will Message): revocation, expiry, lifecycle and policy."""
+        ...
+
 
 # --- messages and sinks -------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from fleetward.edge.channel import (
     Refusal,
     Refused,
 )
-from fleetward.errors import InvalidInput, PayloadTooLarge
+from fleetward.errors import Forbidden, InvalidInput, PayloadTooLarge
 from fleetward.model import format_serial
 from fleetward.registry.device_commands import DeviceCommandService, command_json
 from fleetward.web.problem import problem_response, reject_unknown_fields
@@ -273,6 +273,14 @@ async def post_message(kind: str, request: web.Request, api: DeviceApi,
             raise InvalidInput("missing field 'data'",
                                hint=f'e.g. {{"type": "{message_type[:40]}", "data": {{}}}}')
         data = body["data"]
+        # A policy may allow or deny per message type through the path form
+        # (v1/telemetry/<type>); the envelope form must not be a way around it.
+        typed = f"{base.lstrip('/')}/{message_type}"
+        decision = admission.decide(Action.http(request.method), typed)
+        if not decision.allowed:
+            raise Forbidden(decision.reason,
+                            hint=f"the policy decides on {typed!r} for this message type; "
+                                 "ask the operator to allow it")
     else:
         data = body
     if not isinstance(data, dict):
@@ -297,7 +305,17 @@ async def get_commands(request: web.Request, api: DeviceApi,
                        admission: Admission) -> web.Response:
     """GET /v1/commands?wait=N: commands due for this device, waiting up to N seconds."""
     wait = _wait_seconds(request, api.config.long_poll_max_seconds)
-    items = await api.commands.wait_for_commands(admission.device_id, wait, api.executor)
+    # The wait re-reads the database on the command service's read pool, never on the
+    # node's single writer thread (``api.executor``), which must stay free for writes.
+    items = await api.commands.wait_for_commands(admission.device_id, wait)
+    # The control plane may have acted while we waited (quarantine, revocation, a policy
+    # change, the connection closed): decide again before handing anything out.
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return web.json_response({"items": []})
+    decision = admission.decide(Action.http(request.method), "v1/commands")
+    if not decision.allowed:
+        raise Forbidden(decision.reason, hint="this device may no longer fetch commands")
     if items:
         await _run(api, api.commands.mark_delivered, [item["id"] for item in items])
     return web.json_response({"items": items})

@@ -21,8 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from fleetward.edge.channel import Action, Admission, DeviceGate
 from fleetward.enroll import CSR_ATTRS_DER, Attempt, EnrollmentResult, EnrollmentService
-from fleetward.errors import FleetwardError, InvalidInput, Unauthenticated
+from fleetward.errors import FleetwardError, Forbidden, InvalidInput, Unauthenticated
 from fleetward.web.problem import problem_response
 from fleetward.web.tls import peer_certificate
 
@@ -40,9 +41,13 @@ _BASE64 = re.compile(rb"^[A-Za-z0-9+/=\s]*$")
 
 
 class EstEndpoints:
-    def __init__(self, service: EnrollmentService, executor: Executor) -> None:
+    def __init__(self, service: EnrollmentService, executor: Executor,
+                 gate: DeviceGate | None = None) -> None:
         self.service = service
         self.executor = executor  # the SQL writer: enrollments are serialised with it
+        # With a gate, re-enrollment over mTLS also asks the device's policy
+        # (``est:reenroll`` on ``est/<label or default>``).
+        self.gate = gate
         self._cacerts = base64.encodebytes(service.cacerts_der())
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -110,12 +115,33 @@ class EstEndpoints:
             await self._refused_early(request, "simplereenroll", exc)
             raise
         peer = peer_certificate(request)
+        if peer is not None and self.gate is not None:
+            await self._check_reenroll_policy(self.gate, request, peer, label)
         method = "reenroll" if peer is not None else "reenroll-expired"
         attempt = Attempt(method, request.remote or "unknown",
                           _route_name(label, "simplereenroll"))
         result = await self._run(self.service.reenroll, current=peer, csr_data=csr,
                                  label=label, attempt=attempt)
         return _enrolled(result)
+
+
+    async def _check_reenroll_policy(self, gate: DeviceGate, request: web.Request,
+                                     peer: x509.Certificate, label: str | None) -> None:
+        """Refuse a re-enrollment the device's policy denies. A certificate the gate
+        does not admit at all (revoked, retired device, not ours) is left to the
+        enrollment service, whose own rules refuse it with the specific reason."""
+        verdict = gate.admit(peer.public_bytes(serialization.Encoding.DER),
+                                  channel="https", source=request.remote or "")
+        if not isinstance(verdict, Admission):
+            return
+        decision = verdict.decide(Action.EST_REENROLL, f"est/{label or 'default'}")
+        if not decision.allowed:
+            exc = Forbidden(decision.reason,
+                            hint="the device's policy does not allow re-enrollment here; "
+                                 "ask the operator (fleetward policy test ID est:reenroll "
+                                 f"est/{label or 'default'})")
+            await self._refused_early(request, "simplereenroll", exc)
+            raise exc
 
 
 def _label(request: web.Request) -> str | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +107,7 @@ class PolicyCompiler(Protocol):
 class VerifiedCertificate:
     serial: int
     device_id: str
+    not_before_epoch: float
     not_after_epoch: float
 
 
@@ -187,18 +187,23 @@ class TrustGate:
 
     def _poll(self) -> CacheUpdate:
         update = CacheUpdate()
+        last = self._last_seq
+        more = True
         with self._db.read() as conn:
-            changes, last = channel_rows.changes_since(conn, self._last_seq, WATCHED_ACTIONS)
-            for change in changes:
-                if change.action in DEVICE_ACTIONS and change.target.startswith("device:"):
-                    device_id = change.target.removeprefix("device:")
-                    if device_id not in update.devices:
-                        update.devices[device_id] = channel_rows.device(conn, device_id)
-                        update.revoked |= channel_rows.device_revoked_serials(conn, device_id)
-                elif change.action in TYPE_ACTIONS:
-                    update.types = channel_rows.device_types(conn)
-                elif change.action in POLICY_ACTIONS:
-                    update.policy_changed = True
+            while more:  # read the whole backlog: nothing may wait for the next poll
+                changes, last, more = channel_rows.changes_since(conn, last, WATCHED_ACTIONS)
+                for change in changes:
+                    if (change.action in DEVICE_ACTIONS
+                            and change.target.startswith("device:")):
+                        device_id = change.target.removeprefix("device:")
+                        if device_id not in update.devices:
+                            update.devices[device_id] = channel_rows.device(conn, device_id)
+                            update.revoked |= channel_rows.device_revoked_serials(
+                                conn, device_id)
+                    elif change.action in TYPE_ACTIONS:
+                        update.types = channel_rows.device_types(conn)
+                    elif change.action in POLICY_ACTIONS:
+                        update.policy_changed = True
         if update.policy_changed:
             update.policy_snapshot = self._policies.snapshot()
         self._last_seq = last
@@ -245,7 +250,7 @@ class TrustGate:
 
     def close_expired(self) -> int:
         """Close live connections whose certificate has expired since they connected."""
-        now = time.time()
+        now = self._clock.now().timestamp()
         if now < self._next_expiry_check:
             return 0
         self._next_expiry_check = now + EXPIRY_CHECK_SECONDS
@@ -283,11 +288,29 @@ class TrustGate:
                                 "the client certificate was not issued by this server's "
                                 "device CA (a manufacturer certificate only enrolls)",
                                 channel, source, None)
+        # OpenSSL checks the validity period on a full handshake only: a TLS session
+        # resumed from a ticket presents the original certificate unchecked
+        # (RFC 8446 §2.2), so an expired one would otherwise get in.
+        now = self._clock.now().timestamp()
+        if not verified.not_before_epoch <= now < verified.not_after_epoch:
+            return self._refuse(Refusal.BAD_CREDENTIALS,
+                                "the client certificate is expired or not yet valid; "
+                                "re-enroll", channel, source, verified.device_id,
+                                verified.serial)
         verdict = self._decide(verified.serial, verified.device_id, channel, client_id)
         if isinstance(verdict, Refused):
             return self._refuse(verdict.code, verdict.reason, channel, source,
                                 verified.device_id, verified.serial)
         verdict.not_after_epoch = verified.not_after_epoch
+        return verdict
+
+    def recheck(self, admission: Admission) -> Admission | Refused:
+        """See ``DeviceGate.recheck``; not audited (the listener audits what it drops)."""
+        if self._clock.now().timestamp() >= admission.not_after_epoch:
+            return Refused(Refusal.BAD_CREDENTIALS, "the client certificate has expired")
+        verdict = self._decide(admission.serial, admission.device_id, "mqtt", None)
+        if isinstance(verdict, Admission):
+            verdict.not_after_epoch = admission.not_after_epoch
         return verdict
 
     def _decide(self, serial: int, device_id: str, channel: str,
@@ -335,6 +358,7 @@ class TrustGate:
         if device_id is None:
             return None
         verified = VerifiedCertificate(cert.serial_number, device_id,
+                                       cert.not_valid_before_utc.timestamp(),
                                        cert.not_valid_after_utc.timestamp())
         self._verified[digest] = verified
         if len(self._verified) > VERIFIED_CERT_CACHE_ENTRIES:

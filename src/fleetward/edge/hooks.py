@@ -78,8 +78,10 @@ class Throttle:
 class ChannelHooks:
     """The MQTT server's hooks (``fleetward.edge.mqtt.server.MqttHooks``)."""
 
-    # Events every occurrence of which matters (clone signals); never throttled.
-    UNTHROTTLED = frozenset({"mqtt.session_taken_over"})
+    # Open commands are resent on SUBSCRIBE at most this often per device: a device
+    # repeating SUBSCRIBE must not turn into a stream of SQL reads and writes.
+    COMMAND_RESEND_MIN_SECONDS = 5.0
+    RESEND_MEMORY = 100_000  # devices remembered; beyond it the map starts afresh
 
     def __init__(self, accept: AcceptPublish, writer: AuditWriter, clock: Clock,
                  audit_window_seconds: float,
@@ -90,6 +92,7 @@ class ChannelHooks:
         self._clock = clock
         self._throttle = Throttle(audit_window_seconds)
         self._last_seen: dict[str, Any] = {}
+        self._resent: dict[str, float] = {}
 
     async def accept_publish(self, admission: Admission, topic: str, payload: bytes,
                              qos: int, retain: bool) -> int | None:
@@ -97,8 +100,11 @@ class ChannelHooks:
 
     def audit(self, action: str, admission: Admission | None, source: str,
               details: dict[str, Any]) -> None:
+        # Every action is throttled per device (or peer) and window, takeovers included:
+        # two clones taking a session from each other in a loop would otherwise write
+        # an audit row per round. The first one of each window is recorded.
         subject = admission.device_id if admission else source.rsplit(":", 1)[0]
-        if action not in self.UNTHROTTLED and not self._throttle.allow((subject, action)):
+        if not self._throttle.allow((subject, action)):
             return
         self._writer.submit(AuditEvent(
             action=action,
@@ -117,9 +123,17 @@ class ChannelHooks:
         """A device that subscribes to its command topic gets its open commands again
         (commands queued while it was away, or sent but never answered)."""
         commands_topic = f"devices/{admission.device_id}/commands/+"
-        if self._commands_subscribed is not None and any(
+        if self._commands_subscribed is None or not any(
                 filters_intersect(f, commands_topic) for f in topic_filters):
-            self._commands_subscribed(admission.device_id)
+            return
+        now = time.monotonic()
+        last = self._resent.get(admission.device_id)
+        if last is not None and now - last < self.COMMAND_RESEND_MIN_SECONDS:
+            return
+        if len(self._resent) >= self.RESEND_MEMORY:
+            self._resent.clear()
+        self._resent[admission.device_id] = now
+        self._commands_subscribed(admission.device_id)
 
     def seen(self, device_id: str) -> None:
         self._last_seen[device_id] = self._clock.now()

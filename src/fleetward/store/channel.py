@@ -34,22 +34,27 @@ def last_audit_seq(conn: Connection) -> int:
 
 
 def changes_since(conn: Connection, after_seq: int, actions: Iterable[str],
-                  limit: int = 1000) -> tuple[list[Change], int]:
-    """Successful changes of the given actions after ``after_seq``, oldest first, and the
-    sequence number to continue from (the last row read, matching or not)."""
-    wanted = sorted(set(actions))
+                  limit: int = 1000) -> tuple[list[Change], int, bool]:
+    """Successful changes of the given actions after ``after_seq``, oldest first.
+
+    Returns the changes, the sequence number to continue from, and whether more may
+    follow (the batch was full). Filtering by action happens in SQL, so a flood of
+    unrelated audit rows (refused logins, refused enrollments) cannot push a
+    revocation behind it. The continuation point is the chain head read first in the
+    same unit of work: sequence numbers are assigned under the head lock and committed
+    in order, so every row up to that head is already visible.
+    """
+    head = last_audit_seq(conn)
     rows = conn.execute(
-        select(audit_events.c.seq, audit_events.c.action, audit_events.c.target,
-               audit_events.c.outcome)
-        .where(audit_events.c.seq > after_seq)
-        .order_by(audit_events.c.seq).limit(limit))
-    changes: list[Change] = []
-    last = after_seq
-    for seq, action, target, outcome in rows:
-        last = seq
-        if outcome == "success" and action in wanted:
-            changes.append(Change(seq, action, target))
-    return changes, last
+        select(audit_events.c.seq, audit_events.c.action, audit_events.c.target)
+        .where(audit_events.c.seq > after_seq, audit_events.c.seq <= head,
+               audit_events.c.action.in_(sorted(set(actions))),
+               audit_events.c.outcome == "success")
+        .order_by(audit_events.c.seq).limit(limit)).all()
+    changes = [Change(seq, action, target) for seq, action, target in rows]
+    if len(changes) == limit:
+        return changes, changes[-1].seq, True
+    return changes, max(head, after_seq), False
 
 
 def all_devices(conn: Connection) -> Iterable[Device]:

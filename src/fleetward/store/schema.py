@@ -162,6 +162,8 @@ audit_events = Table(
     Column("hash", String(64), nullable=False),
     Column("mac", String(64), nullable=False),  # HMAC-SHA256 with a key kept off the DB
     Index("ix_audit_events_action", "action"),
+    # The data plane's change feed: "rows of these actions after seq N" (store/channel.py).
+    Index("ix_audit_events_action_seq", "action", "seq"),
 )
 
 # One row: the newest sequence number and hash, MACed with a key kept outside the

@@ -33,10 +33,12 @@ class RetainedStore:
     branches it can match instead of testing every retained topic.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
         self.limit = limit
+        self.max_bytes = max_bytes  # payload bytes of every retained message together
         self._root = _Level()
         self._count = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return self._count
@@ -47,9 +49,18 @@ class RetainedStore:
             node = node.children.get(level) if node is not None else None
         return node.message if node is not None else None
 
-    def has_room_for(self, topic: str) -> bool:
-        """Can ``topic`` be retained (it already is, or the store is below its limit)?"""
-        return self._count < self.limit or self.get(topic) is not None
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def has_room_for(self, topic: str, size: int = 0) -> bool:
+        """Can a ``size``-byte payload be retained on ``topic`` (replacing what is
+        there) within both the message count and the byte budget?"""
+        existing = self.get(topic)
+        if existing is None and self._count >= self.limit:
+            return False
+        freed = len(existing.payload) if existing is not None else 0
+        return self.max_bytes is None or self._bytes - freed + size <= self.max_bytes
 
     def put(self, message: Message) -> bool:
         """Store ``message`` as the retained message of its topic; an empty payload
@@ -57,7 +68,7 @@ class RetainedStore:
         if not message.payload:
             self.delete(message.topic)
             return True
-        if not self.has_room_for(message.topic):
+        if not self.has_room_for(message.topic, len(message.payload)):
             return False
         node = self._root
         for level in message.topic.split(SEPARATOR):
@@ -67,7 +78,10 @@ class RetainedStore:
             node = child
         if node.message is None:
             self._count += 1
+        else:
+            self._bytes -= len(node.message.payload)
         node.message = message
+        self._bytes += len(message.payload)
         return True
 
     def delete(self, topic: str) -> bool:
@@ -81,6 +95,7 @@ class RetainedStore:
             node = child
         if node.message is None:
             return False
+        self._bytes -= len(node.message.payload)
         node.message = None
         self._count -= 1
         for parent, level in reversed(path):
@@ -138,7 +153,8 @@ class Broker:
         self.now = now
         self.counters = Counters()
         self.sessions: dict[str, Session] = {}
-        self.retained = RetainedStore(config.max_retained_messages)
+        self.retained = RetainedStore(config.max_retained_messages,
+                                      config.max_retained_bytes)
         self._trie: TopicTrie[Subscriber] = TopicTrie()
         self._timers: list[tuple[float, int, int, Session]] = []
         self._sequence = itertools.count()

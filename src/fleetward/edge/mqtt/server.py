@@ -263,7 +263,8 @@ class MqttServer:
         message = Message(topic, bytes(payload), min(qos, 1), retain, c.EMPTY_PROPERTIES)
         if retain and not self.broker.retained.put(message):
             raise Conflict("the retained-message store is full",
-                           hint="raise [mqtt] max_retained_messages or clear retained topics")
+                           hint="raise [mqtt] max_retained_messages / max_retained_bytes or clear "
+                                "retained topics")
         return self.broker.route(message)
 
     # --- shared by connections -------------------------------------------------------------
@@ -354,13 +355,23 @@ class MqttServer:
             after.add_done_callback(
                 lambda _: self.publish_will(will, admission, client_id, source, None))
             return
+        # The device is gone; the control plane may have revoked, disabled or
+        # re-policed it since (a Will Delay can be long): ask the gate again.
+        current = self.gate.recheck(admission)
+        if isinstance(current, Refused):
+            self.broker.counters.publishes_denied += 1
+            self.audit("mqtt.will_denied", admission, source,
+                       {"topic": will.topic, "reason": current.reason})
+            return
+        admission = current
         decision = admission.decide(Action.MQTT_PUBLISH, will.topic)
         if not decision.allowed:
             self.broker.counters.publishes_denied += 1
             self.audit("mqtt.will_denied", admission, source,
                        {"topic": will.topic, "reason": decision.reason})
             return
-        if will.retain and will.payload and not self.broker.retained.has_room_for(will.topic):
+        if will.retain and will.payload and not self.broker.retained.has_room_for(
+                will.topic, len(will.payload)):
             self.audit("mqtt.publish_refused", admission, source,
                        {"topic": will.topic, "reason_code": ReasonCode.QUOTA_EXCEEDED,
                         "will": True})
@@ -998,7 +1009,7 @@ class _Connection(asyncio.Protocol):
                                  f"not authorized: {decision.reason}")
             return
         if (packet.retain and packet.payload
-                and not server.broker.retained.has_room_for(topic)):
+                and not server.broker.retained.has_room_for(topic, len(packet.payload))):
             server.audit("mqtt.publish_refused", admission, self.source,
                          {"topic": topic[:256], "reason_code": ReasonCode.QUOTA_EXCEEDED})
             self._refuse_publish(packet, ReasonCode.QUOTA_EXCEEDED,

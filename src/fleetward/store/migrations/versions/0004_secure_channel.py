@@ -1,4 +1,5 @@
-"""secure channel: policies and attachments, the SQL message sink, device commands
+"""secure channel: policies and attachments, the SQL message sink, device commands,
+the change-feed index on audit events
 
 Revision ID: 0004
 Revises: 0003
@@ -14,6 +15,8 @@ down_revision = "0003"
 
 
 def upgrade() -> None:
+    op.create_index("ix_audit_events_action_seq", "audit_events", ["action", "seq"],
+                    unique=False)
     op.create_table(
         "policies",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -81,3 +84,4 @@ def downgrade() -> None:
     op.drop_index("ix_policy_attachments_target_kind", table_name="policy_attachments")
     op.drop_table("policy_attachments")
     op.drop_table("policies")
+    op.drop_index("ix_audit_events_action_seq", table_name="audit_events")
