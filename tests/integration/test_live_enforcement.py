@@ -21,6 +21,7 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -42,8 +43,9 @@ class Session:
     """One paho MQTT 5 connection, recording CONNACK and DISCONNECT reason codes."""
 
     def __init__(self, server: RunningServer, identity: DeviceIdentity,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, persistent: bool = False) -> None:
         self.connack = threading.Event()
+        self.session_present: bool | None = None
         self.disconnected = threading.Event()
         self.connack_code: int | None = None
         self.disconnect_code: int | None = None
@@ -58,12 +60,18 @@ class Session:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
-        self.client.connect("localhost", server.mqtt_port, keepalive=30)
+        properties = None
+        if persistent:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 300
+        self.client.connect("localhost", server.mqtt_port, keepalive=30,
+                            clean_start=not persistent, properties=properties)
         self.client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
         self.connack_code = reason.value
+        self.session_present = bool(flags.session_present)
         self.connack.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode,
@@ -282,20 +290,105 @@ def _reenroll(server: RunningServer, identity: DeviceIdentity) -> httpx.Response
                            headers={"Content-Type": "application/pkcs10"})
 
 
+def _attach_policy(server: RunningServer, name: str, device_id: str,
+                   statements: list[dict[str, Any]]) -> None:
+    with server.admin() as admin:
+        assert admin.put(f"/v1/policies/{name}", json={"statements": statements}
+                         ).status_code in (200, 201)
+        assert admin.post(f"/v1/policies/{name}/attachments",
+                          json={"device": device_id}).status_code in (200, 201)
+
+
 def test_est_reenroll_is_decided_by_the_device_policy(server: RunningServer,
                                                       tmp_path: Path) -> None:
     denied = make_device(server, tmp_path, "reenroll-denied")
     allowed = make_device(server, tmp_path, "reenroll-allowed")
-    with server.admin() as admin:
-        assert admin.put("/v1/policies/no-reenroll", json={"statements": [
-            {"sid": "default-ish", "effect": "allow", "actions": ["mqtt:connect"],
-             "resources": ["${device.id}"]},
-            {"sid": "no-renewal", "effect": "deny", "actions": ["est:reenroll"],
-             "resources": ["#"]}]}).status_code in (200, 201)
-        assert admin.post("/v1/policies/no-reenroll/attachments",
-                          json={"device": denied.device_id}).status_code in (200, 201)
+    _attach_policy(server, "no-reenroll", denied.device_id, [
+        {"sid": "default-ish", "effect": "allow", "actions": ["mqtt:connect"],
+         "resources": ["${device.id}"]},
+        {"sid": "no-renewal", "effect": "deny", "actions": ["est:reenroll"],
+         "resources": ["#"]}])
     refused = _reenroll(server, denied)
     assert refused.status_code == 403, refused.text
     assert refused.headers["content-type"].startswith("application/problem+json")
     assert "no-renewal" in refused.json()["detail"]
     assert _reenroll(server, allowed).status_code == 200  # negative control: default policy
+
+
+def _collect_messages(session: Session) -> tuple[list[str], threading.Event]:
+    received: list[str] = []
+    got = threading.Event()
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        received.append(message.topic)
+        got.set()
+    session.client.on_message = on_message
+    return received, got
+
+
+def _subscribe_to_commands(session: Session, device_id: str) -> tuple[list[str],
+                                                                      threading.Event]:
+    received, got = _collect_messages(session)
+    subscribed = threading.Event()
+    session.client.on_subscribe = lambda *args: subscribed.set()
+    session.client.subscribe(f"devices/{device_id}/commands/#", qos=1)
+    assert subscribed.wait(5)
+    return received, got
+
+
+def _attach_receive_only_policy(server: RunningServer, device_id: str) -> None:
+    """Connect and receive stay allowed; subscribe is withdrawn."""
+    _attach_policy(server, "no-subscribe", device_id, [
+        {"sid": "connect", "effect": "allow", "actions": ["mqtt:connect"],
+         "resources": ["${device.id}"]},
+        {"sid": "receive-only", "effect": "allow", "actions": ["mqtt:receive"],
+         "resources": ["devices/${device.id}/#"]}])
+
+
+def _subscription_drops(server: RunningServer, device_id: str) -> int:
+    with server.admin() as admin:
+        rows = admin.get("/v1/audit", params={"action": "mqtt.subscription_dropped"}
+                         ).json()["items"]
+    return sum(1 for r in rows if r["target"] == f"device:{device_id}")
+
+
+def test_a_policy_change_drops_subscriptions_it_no_longer_allows(
+        server: RunningServer, tmp_path: Path) -> None:
+    """Receive stays allowed; subscribe is withdrawn: the live subscription must go, or
+    the old grant would outlive the policy."""
+    identity = make_device(server, tmp_path, "live-subs")
+    session = Session(server, identity)
+    assert session.wait_connack() == 0
+    received, got = _subscribe_to_commands(session, identity.device_id)
+    server.cli("device", "command", identity.device_id, "first", "--payload", "{}")
+    assert got.wait(5), "negative control: the command arrives while subscribed"
+    got.clear()
+    _attach_receive_only_policy(server, identity.device_id)
+    server.cli("device", "command", identity.device_id, "second", "--payload", "{}")
+    assert not got.wait(1.5), f"delivered after the subscribe grant was withdrawn: {received}"
+    assert not session.disconnected.is_set()
+    assert _subscription_drops(server, identity.device_id) >= 1
+    session.close()
+
+
+def test_a_resumed_session_loses_subscriptions_the_policy_withdrew_meanwhile(
+        server: RunningServer, tmp_path: Path) -> None:
+    identity = make_device(server, tmp_path, "resume-subs")
+    first = Session(server, identity, persistent=True)
+    assert first.wait_connack() == 0
+    _subscribe_to_commands(first, identity.device_id)
+    first.client.disconnect()
+    first.client.loop_stop()
+    time.sleep(0.3)  # let the server see the DISCONNECT and park the session
+    _attach_receive_only_policy(server, identity.device_id)
+    time.sleep(0.5)  # no live connection to notify: the drop must happen on resume
+    assert _subscription_drops(server, identity.device_id) == 0
+
+    second = Session(server, identity, persistent=True)
+    assert second.wait_connack() == 0
+    assert second.session_present, "negative control: the session was resumed"
+    received, got = _collect_messages(second)
+    server.cli("device", "command", identity.device_id, "after", "--payload", "{}")
+    assert not got.wait(1.5), f"resumed subscription outlived the policy: {received}"
+    assert _subscription_drops(server, identity.device_id) >= 1
+    second.close()

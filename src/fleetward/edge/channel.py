@@ -158,6 +158,9 @@ class Closer:
     channel: str  # "mqtt" | "https"
     admission: Admission
     close: Callable[[int, str], None]
+    # Called (on the loop) after the gate swapped ``admission.policy``: MQTT drops the
+    # subscriptions the new policy no longer allows.
+    policy_changed: Callable[[], None] | None = None
 
     @property
     def device_id(self) -> str:

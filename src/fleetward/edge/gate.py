@@ -244,6 +244,8 @@ class TrustGate:
                 admission.state = verdict.state
                 admission.quarantined = verdict.quarantined
                 admission.firmware_version = verdict.firmware_version
+                if closer.policy_changed is not None:
+                    closer.policy_changed()
         if closed:
             log.info("live connections closed by control-plane change", count=closed)
         return closed

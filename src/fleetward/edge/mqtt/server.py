@@ -922,8 +922,12 @@ class _Connection(asyncio.Protocol):
         self.will = will
         self.keep_alive = float(keep_alive)
         self._write(c.Connack(session_present, 0, connack_properties))
+        if session_present:
+            # The policy may have changed while the device was away.
+            self._recheck_subscriptions()
         self.live_key = server.live.register(
-            Closer(channel="mqtt", admission=admission, close=self._admin_close))
+            Closer(channel="mqtt", admission=admission, close=self._admin_close,
+                   policy_changed=self._recheck_subscriptions))
         try:
             server.hooks.connected(admission, self.source)
         except Exception:
@@ -1216,6 +1220,22 @@ class _Connection(asyncio.Protocol):
                 self.server.hooks.subscribed(admission, granted_filters)
             except Exception:
                 log.exception("mqtt subscribed hook failed")
+
+    def _recheck_subscriptions(self) -> None:
+        """Drop the subscriptions the current policy no longer allows (after a policy
+        change, or when a persistent session resumes). MQTT has no server-initiated
+        UNSUBSCRIBE, so the drop is silent to the client and audited here; deliveries
+        were already checked one by one with ``mqtt:receive``."""
+        session, admission = self.session, self.admission
+        if session is None or admission is None:
+            return
+        for topic_filter in list(session.subscriptions):
+            decision = admission.decide(Action.MQTT_SUBSCRIBE, topic_filter)
+            if not decision.allowed:
+                self.server.broker.unsubscribe(session, topic_filter)
+                self.server.audit("mqtt.subscription_dropped", admission, self.source,
+                                  {"topic_filter": topic_filter[:256],
+                                   "reason": decision.reason})
 
     def _on_unsubscribe(self, packet: c.Unsubscribe) -> None:
         session = self.session
