@@ -50,6 +50,7 @@ bench: $(VENV)/.stamp-run
 	$(BIN)/python bench/enroll.py
 	$(BIN)/python bench/handshake.py
 	$(BIN)/python bench/mqtt.py
+	$(BIN)/python bench/policy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

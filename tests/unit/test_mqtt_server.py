@@ -633,6 +633,22 @@ def test_offline_queue_drops_the_oldest(make_server: Callable[..., ServerThread]
     assert server.stats().messages_dropped == 2
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_subscriptions_per_session_are_capped(make_server: Callable[..., ServerThread],
+                                              version: int) -> None:
+    """Without the cap one device could grow the subscription trie without bound."""
+    server = make_server(max_subscriptions_per_session=2)
+    client = connected(server, "d1", version)
+    assert subscribe(client, "devices/d1/commands/a") == (1,)
+    assert subscribe(client, "devices/d1/commands/b") == (1,)
+    over = 0x97 if version == V5 else 0x80  # v5 Quota exceeded; 3.1.1 only has Failure
+    assert subscribe(client, "devices/d1/commands/c") == (over,)
+    assert subscribe(client, "devices/d1/commands/a") == (1,), "re-subscribing is no new entry"
+    assert server.deliver("devices/d1/commands/c", b"x") == 0
+    assert server.deliver("devices/d1/commands/b", b"y") == 1
+    assert client.expect(c.Publish).payload == b"y"
+
+
 def test_acknowledgements_and_routing_keep_arrival_order(server: ServerThread) -> None:
     server.hooks.max_delay_seconds = 0.02  # sink answers in random order
     monitor = connected(server, "monitor")
