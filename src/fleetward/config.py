@@ -97,7 +97,12 @@ class MqttConfig:
     # Payload bytes of all retained messages together: without it 100,000 messages of
     # the maximum packet size would be 25 GiB of memory.
     max_retained_bytes: int = 67108864
-    connect_timeout_seconds: int = 10  # TLS + CONNECT must finish within this
+    connect_timeout_seconds: int = 10  # TLS, then CONNECT, must each finish within this
+    # Beyond these, new TCP connections are reset before any TLS work: memory stays
+    # bounded, and clients that never finish a handshake cannot hold more than
+    # max_pending_handshakes slots for connect_timeout_seconds each.
+    max_connections: int = 20000
+    max_pending_handshakes: int = 1000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -112,6 +117,9 @@ class DeviceApiConfig:
     long_poll_max_seconds: int = 30  # GET /v1/commands?wait= is capped at this
     command_ttl_seconds: int = 86400  # undelivered commands expire after this
     max_pending_commands: int = 100  # per device; more are refused (HTTP 429)
+    # The device HTTPS listener's budgets (see [mqtt] max_connections).
+    max_connections: int = 5000
+    max_pending_handshakes: int = 1000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

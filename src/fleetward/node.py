@@ -71,14 +71,14 @@ from fleetward.edge.device import build_device_app
 from fleetward.edge.device_api import DeviceApi
 from fleetward.edge.est import EstEndpoints
 from fleetward.edge.gate import CacheUpdate, LocalChanges, TrustGate
-from fleetward.edge.hooks import AuditWriter, ChannelHooks, flush_last_seen
+from fleetward.edge.hooks import AuditWriter, ChannelHooks, Throttle, flush_last_seen
 from fleetward.edge.ingest import Ingest
 from fleetward.edge.mqtt.server import MqttServer
 from fleetward.edge.public import PublicEndpoints, build_public_app
 from fleetward.edge.sinks import FanoutSink, NatsSink, SqlSink
 from fleetward.enroll import BootstrapTokens, EnrollmentService
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput, KeyUnavailable
-from fleetward.model import DeviceType, Role
+from fleetward.model import AuditEvent, DeviceType, Role
 from fleetward.registry import Registry
 from fleetward.registry.device_commands import DeviceCommandService, device_command_json
 from fleetward.registry.policies import PolicyService
@@ -86,7 +86,7 @@ from fleetward.store import Database
 from fleetward.store import cas as ca_rows
 from fleetward.store import devices as device_rows
 from fleetward.web.tls import server_context
-from fleetward.web.tls_gate import GatedTLSSite
+from fleetward.web.tls_gate import GatedTLSSite, ListenerLimits
 
 log = structlog.get_logger("fleetward.server")
 
@@ -434,10 +434,21 @@ class Node:
         ]
         loop = asyncio.get_running_loop()
 
+        tls_refusals = Throttle(self.settings.channel.refusal_audit_window_seconds)
+
         def refused(address: str, reason: str) -> None:
-            # Audited off the loop, on the writer thread, like every other audit write.
-            loop.run_in_executor(self.executor, self.enrollment.audit_tls_refusal, address,
-                                 reason)
+            # At most one row per peer and reason per window (a peer retrying with a bad
+            # certificate must not write a row per handshake), off the loop, on the
+            # writer thread, like every other audit write.
+            if tls_refusals.allow((address.rsplit(":", 1)[0], reason)):
+                loop.run_in_executor(self.executor, self.enrollment.audit_tls_refusal,
+                                     address, reason)
+
+        def device_listener_limited(address: str, limit: str, reset: int) -> None:
+            self.audit_writer.submit(AuditEvent(
+                action="device_api.connections_limited", actor=f"remote:{address}",
+                target="listener:device", outcome="failure",
+                details={"limit": limit, "reset": reset, "source": address}))
         # The caches must be loaded before the first device connects (until then the
         # gate refuses everyone with "server unavailable": fail closed).
         await loop.run_in_executor(self.public_executor, self.gate.load)
@@ -482,8 +493,12 @@ class Node:
                 runners.append(runner)
                 site: web.BaseSite
                 if name == "device":
-                    site = GatedTLSSite(runner, listeners.host, port, ssl_context=device_tls,
-                                        on_refused=refused)
+                    device_api = self.settings.device_api
+                    site = GatedTLSSite(
+                        runner, listeners.host, port, ssl_context=device_tls,
+                        on_refused=refused, on_limited=device_listener_limited,
+                        limits=ListenerLimits(device_api.max_connections,
+                                              device_api.max_pending_handshakes))
                 else:
                     site = web.TCPSite(runner, listeners.host, port, ssl_context=ssl_ctx)
                 await site.start()

@@ -50,7 +50,7 @@ from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store.schema import device_messages
 from fleetward.web.tls import server_context
-from fleetward.web.tls_gate import GatedTLSSite
+from fleetward.web.tls_gate import GatedTLSSite, ListenerLimits
 from tests.conftest import IN_CI, Stack, free_port
 
 T = TypeVar("T")
@@ -163,7 +163,9 @@ class DeviceServer:
         self.runner = web.AppRunner(self.app, access_log=None)
         self.loop.run_until_complete(self.runner.setup())
         site = GatedTLSSite(self.runner, "127.0.0.1", self.port, ssl_context=self.tls,
-                            on_refused=lambda address, reason: None)
+                            on_refused=lambda address, reason: None,
+                            on_limited=lambda address, limit, reset: None,
+                            limits=ListenerLimits(1000, 100))
         self.loop.run_until_complete(site.start())
         self._ready.set()
         self.loop.run_forever()

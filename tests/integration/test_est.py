@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -448,22 +449,41 @@ def test_idevid_enrollment_with_approval_answers_202_then_issues(
     assert status == 401 and b"issued by this CA" in body
 
 
+def _tls_refusals(server: RunningServer, source_host: str) -> list[dict[str, Any]]:
+    rows = [cast(dict[str, Any], event) for event in audit(server, "enroll.refused")]
+    return [row for row in rows if row["details"]["method"] == "tls-client-certificate"
+            and str(row["details"]["source"]).startswith(f"{source_host}:")]
+
+
 def test_idevid_from_an_unregistered_ca_is_refused_at_tls_and_audited(
         est: RunningServer, tmp_path: Path) -> None:
+    """Each attempt comes from its own loopback address: refusals are audited once per
+    peer and reason per window, and earlier tests have been refused from 127.0.0.1."""
     idevid, idevid_key = make_oem_ca("rogue").idevid(tmp_path, "ROGUE-1")
     csr, _ = openssl_csr(tmp_path, "rogue-1", None)
-    before = len(audit(est, "enroll.refused"))
-    result = subprocess.run(["curl", "-sS", "--cacert", str(est.chain), "--cert", str(idevid),
-                             "--key", str(idevid_key), "-H", "Content-Type: application/pkcs10",
-                             "--data-binary", f"@{csr}", url(est, "simpleenroll")],
-                            capture_output=True, timeout=30)
-    assert result.returncode != 0  # the handshake is refused
-    deadline = time.monotonic() + 10
-    while len(audit(est, "enroll.refused")) == before:
-        assert time.monotonic() < deadline, "TLS refusal was not audited"
-        time.sleep(0.2)
-    event = audit(est, "enroll.refused")[-1]
-    assert event["details"]["method"] == "tls-client-certificate"
+
+    def attempt(source_host: str) -> None:
+        result = subprocess.run(
+            ["curl", "-sS", "--interface", source_host, "--cacert", str(est.chain),
+             "--cert", str(idevid), "--key", str(idevid_key),
+             "-H", "Content-Type: application/pkcs10", "--data-binary", f"@{csr}",
+             url(est, "simpleenroll")], capture_output=True, timeout=30)
+        assert result.returncode != 0  # the handshake is refused
+
+    def wait_for_refusal(source_host: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while not (rows := _tls_refusals(est, source_host)):
+            assert time.monotonic() < deadline, f"TLS refusal from {source_host} not audited"
+            time.sleep(0.2)
+        return rows[-1]
+
+    attempt("127.0.0.7")
+    event = wait_for_refusal("127.0.0.7")
     assert "unable to get local issuer certificate" in str(event["details"]["reason"])
+    for _ in range(5):  # the same peer retrying: no row per handshake
+        attempt("127.0.0.7")
+    attempt("127.0.0.8")  # negative control: another peer is still recorded
+    wait_for_refusal("127.0.0.8")
+    assert len(_tls_refusals(est, "127.0.0.7")) == 1
     with est.admin() as client:
         assert client.get("/v1/devices/ROGUE-1").status_code == 404

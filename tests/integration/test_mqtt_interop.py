@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import socket
+import ssl
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +207,41 @@ def test_mosquitto_without_our_certificate_is_refused(
                                 "--cert", str(cert), "--key", str(key), client_cert=False)
     assert refused.returncode != 0, refused.stdout + refused.stderr
     assert connack(refused) is None and puback(refused) is None, refused.stdout
+
+
+def test_a_certificate_refused_at_the_mqtt_handshake_is_audited(
+        server: RunningServer, tmp_path: Path, foreign_ca: tuple[x509.Certificate,
+                                                                 ec.EllipticCurvePrivateKey]
+) -> None:
+    """The handshake fails inside OpenSSL, before any MQTT: the listener must still hear
+    of it. The forger connects from its own loopback address, so rows left by other
+    tests (refusals are audited once per peer per window) cannot satisfy this one."""
+    identity = lab(server, tmp_path, "forged")
+    cert, key = forge(tmp_path, identity.device_id, foreign_ca)
+    context = ssl.create_default_context(cafile=str(identity.cafile))
+    context.load_cert_chain(str(cert), str(key))
+    source = "127.0.0.11"
+    raw = socket.create_connection(("127.0.0.1", server.mqtt_port), timeout=10,
+                                   source_address=(source, 0))
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(bytes([0xC0, 0x00]))  # PINGREQ: TLS 1.3 learns the verdict on read
+        try:
+            answer = tls.recv(16)
+        except (ssl.SSLError, ConnectionError):
+            answer = b""
+    assert answer == b"", "a forged certificate got an MQTT answer"
+    deadline = time.monotonic() + 10
+    while True:
+        with server.admin() as admin:
+            rows = admin.get("/v1/audit", params={"action": "mqtt.tls_refused",
+                                                  "limit": 1000}).json()["items"]
+        mine = [row for row in rows if row["actor"].startswith(f"remote:{source}:")]
+        if mine:
+            break
+        assert time.monotonic() < deadline, "the refused handshake was not audited"
+        time.sleep(0.2)
+    assert mine[0]["outcome"] == "failure"
+    assert mine[0]["details"]["reason"], mine[0]
 
 
 def test_revoked_certificate_gets_connack_banned(server: RunningServer,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import socket
 import ssl
+import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, start_server, stop_server
 
 
 def test_public_listener_serves_ca_chain_and_crl(server: RunningServer) -> None:
@@ -93,3 +96,42 @@ def test_device_listener_refuses_a_certificate_from_another_ca(server: RunningSe
     ctx.load_cert_chain(str(tmp_path / "forged.pem"), str(tmp_path / "forged.key"))
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"https://localhost:{server.device_port}/v1/health", verify=ctx, timeout=5)
+
+
+def test_both_device_listeners_reset_connections_over_their_budget(
+        tmp_path: Path) -> None:
+    """``fleetward serve`` wires the connection budgets of fleetward.toml into both
+    device listeners and audits the resets; a silent client holds its slot."""
+    server = start_server(tmp_path / "data", settings={
+        "mqtt": {"max_connections": 1}, "device_api": {"max_pending_handshakes": 1}})
+    try:
+        for port, action in [(server.mqtt_port, "mqtt.connections_limited"),
+                             (server.device_port, "device_api.connections_limited")]:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                time.sleep(0.2)  # accepted: the silent client now holds the only slot
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as over, \
+                        contextlib.suppress(ConnectionResetError):  # RST or FIN: both fine
+                    assert over.recv(1) == b""
+                deadline = time.monotonic() + 10
+                while True:
+                    with server.admin() as admin:
+                        rows = admin.get("/v1/audit", params={"action": action}
+                                         ).json()["items"]
+                    if rows:
+                        break
+                    assert time.monotonic() < deadline, f"{action} not audited"
+                    time.sleep(0.2)
+                assert rows[0]["details"]["reset"] == 1
+            # negative control: with the slot free again, a real client gets TLS
+            context = ssl.create_default_context(cafile=str(server.chain))
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                            context.wrap_socket(raw, server_hostname="localhost"):
+                        break
+                except (ssl.SSLError, ConnectionError):
+                    assert time.monotonic() < deadline, "the slot was never freed"
+                    time.sleep(0.1)
+    finally:
+        stop_server(server)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import ssl
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -647,6 +649,40 @@ def test_subscriptions_per_session_are_capped(make_server: Callable[..., ServerT
     assert server.deliver("devices/d1/commands/c", b"x") == 0
     assert server.deliver("devices/d1/commands/b", b"y") == 1
     assert client.expect(c.Publish).payload == b"y"
+
+
+def test_connections_beyond_the_listener_budget_are_reset_and_reported(
+        make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(max_connections=2)
+    bystander = Bystander(server)
+    first = connected(server, "d1")
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        connected(server, "d2")  # reset before TLS: no handshake CPU spent on it
+    stats = server.stats()
+    assert (stats.connections, stats.handshaking, stats.reset_over_limit) == (2, 0, 1)
+    wait_until(lambda: server.hooks.audited("mqtt.connections_limited") != [],
+               what="limit audited")
+    assert server.hooks.audited("mqtt.connections_limited")[0]["limit"] == "max_connections"
+    bystander.still_served()
+    first.send(c.Disconnect())
+    first.until_closed()
+    wait_until(lambda: server.stats().connections == 1, what="slot freed")
+    connected(server, "d2").ping()  # negative control: room again
+
+
+def test_a_certificate_refused_in_the_handshake_is_audited(
+        make_server: Callable[..., ServerThread], tmp_path: Path) -> None:
+    server = make_server()
+    foreign = Pki.create(tmp_path / "foreign", name="Somebody Else's CA")
+    context = server.pki.client_context(None)
+    cert, key = foreign.device("d1")
+    context.load_cert_chain(str(cert), str(key))
+    client = RawClient(server, None, ctx=context)
+    client.send(c.Pingreq())
+    assert client.until_closed() == []
+    wait_until(lambda: server.hooks.audited("mqtt.tls_refused") != [], what="refusal audited")
+    assert "unable to get local issuer" in server.hooks.audited("mqtt.tls_refused")[0]["reason"]
+    assert server.stats().handshaking == 0
 
 
 def test_acknowledgements_and_routing_keep_arrival_order(server: ServerThread) -> None:

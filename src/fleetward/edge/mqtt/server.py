@@ -58,6 +58,7 @@ from fleetward.policy.topics import (
     validate_topic_filter,
     validate_topic_name,
 )
+from fleetward.web.tls_gate import ListenerLimits, TLSAcceptor, format_peer
 
 log = structlog.get_logger("fleetward.mqtt")
 
@@ -127,7 +128,9 @@ class MqttHooks(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class MqttStats:
-    connections: int  # live TLS connections, including those not yet CONNECTed
+    connections: int  # TLS connections past the handshake, CONNECTed or not yet
+    handshaking: int  # TCP connections still in the TLS handshake
+    reset_over_limit: int  # connections reset over max_connections / max_pending_handshakes
     sessions: int  # connected and persistent offline sessions
     subscriptions: int
     retained: int  # retained messages held
@@ -181,6 +184,11 @@ class MqttServer:
         self.broker = Broker(config, self.now)
         self._connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._acceptor = TLSAcceptor(
+            ssl_context, lambda: _Connection(self),
+            limits=ListenerLimits(config.max_connections, config.max_pending_handshakes),
+            on_refused=self._tls_refused, on_limited=self._connections_limited,
+            handshake_timeout_seconds=float(config.connect_timeout_seconds))
         self._housekeeping: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,10 +199,8 @@ class MqttServer:
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 = any free port); returns the bound port."""
         self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(
-            lambda: _Connection(self), host, port, ssl=self.ssl_context,
-            ssl_handshake_timeout=float(self.config.connect_timeout_seconds),
-            reuse_address=True)
+        self._server = await self._loop.create_server(self._acceptor, host, port,
+                                                      reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_SECONDS, self._tick)
         log.info("mqtt listening", host=host, port=self.port)
@@ -228,12 +234,23 @@ class MqttServer:
     def stats(self) -> MqttStats:
         counters = self.broker.counters
         return MqttStats(
-            connections=len(self._connections), sessions=len(self.broker.sessions),
+            connections=len(self._connections), handshaking=self._acceptor.pending,
+            reset_over_limit=self._acceptor.reset_total, sessions=len(self.broker.sessions),
             subscriptions=self.broker.subscription_count, retained=len(self.broker.retained),
             messages_in=counters.messages_in, messages_out=counters.messages_out,
             messages_dropped=counters.messages_dropped,
             publishes_denied=counters.publishes_denied,
             receives_denied=counters.receives_denied)
+
+    def _tls_refused(self, peer: str, reason: str) -> None:
+        """A client certificate failed the handshake: no certificate, another CA, expired
+        (OpenSSL's verify message says which). Throttled per peer by the hooks."""
+        self.audit("mqtt.tls_refused", None, peer, {"reason": reason[:256]})
+
+    def _connections_limited(self, peer: str, limit: str, reset: int) -> None:
+        self.audit("mqtt.connections_limited", None, peer,
+                   {"limit": limit, "reset": reset, "open": self._acceptor.open,
+                    "handshaking": self._acceptor.pending})
 
     # --- server-originated messages --------------------------------------------------------
 
@@ -557,10 +574,7 @@ class _Connection(asyncio.Protocol):
             return
         self.transport = transport = cast(asyncio.Transport, transport)
         self.server._connections.add(self)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            host = str(peer[0])
-            self.source = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        self.source = format_peer(transport.get_extra_info("peername"))
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.peer_der = ssl_object.getpeercert(binary_form=True)
