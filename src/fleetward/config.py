@@ -100,9 +100,13 @@ class MqttConfig:
     connect_timeout_seconds: int = 10  # TLS, then CONNECT, must each finish within this
     # Beyond these, new TCP connections are reset before any TLS work: memory stays
     # bounded, and clients that never finish a handshake cannot hold more than
-    # max_pending_handshakes slots for connect_timeout_seconds each.
+    # max_pending_handshakes slots for connect_timeout_seconds each. The lowest limit
+    # that applies binds (a pending budget above max_connections is simply not reached).
     max_connections: int = 20000
     max_pending_handshakes: int = 1000
+    # One address's share of the pending budget (a NAT gateway in front of many devices
+    # that reconnect at once sees resets and retries with its backoff).
+    max_pending_handshakes_per_source: int = 100
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -120,6 +124,10 @@ class DeviceApiConfig:
     # The device HTTPS listener's budgets (see [mqtt] max_connections).
     max_connections: int = 5000
     max_pending_handshakes: int = 1000
+    max_pending_handshakes_per_source: int = 100
+    # A connection with no request in flight is closed after this: clients without a
+    # certificate (EST with a bootstrap token) must not hold a connection slot for long.
+    idle_timeout_seconds: int = 60
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -488,7 +488,13 @@ class Node:
             log.info("listening", listener="mqtt", host=listeners.host,
                      port=listeners.mqtt_port, tls=True)
             for app, port, ssl_ctx, name in sites:
-                runner = web.AppRunner(app, access_log=None)
+                # aiohttp's default keep-alive (3630 s, started at connection_made)
+                # would let certificate-less clients hold device slots for an hour; the
+                # other listeners get aiohttp's former default, 75 s.
+                runner = web.AppRunner(
+                    app, access_log=None,
+                    keepalive_timeout=(float(self.settings.device_api.idle_timeout_seconds)
+                                       if name == "device" else 75.0))
                 await runner.setup()
                 runners.append(runner)
                 site: web.BaseSite
@@ -498,7 +504,8 @@ class Node:
                         runner, listeners.host, port, ssl_context=device_tls,
                         on_refused=refused, on_limited=device_listener_limited,
                         limits=ListenerLimits(device_api.max_connections,
-                                              device_api.max_pending_handshakes))
+                                              device_api.max_pending_handshakes,
+                                              device_api.max_pending_handshakes_per_source))
                 else:
                     site = web.TCPSite(runner, listeners.host, port, ssl_context=ssl_ctx)
                 await site.start()

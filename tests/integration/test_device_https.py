@@ -165,7 +165,7 @@ class DeviceServer:
         site = GatedTLSSite(self.runner, "127.0.0.1", self.port, ssl_context=self.tls,
                             on_refused=lambda address, reason: None,
                             on_limited=lambda address, limit, reset: None,
-                            limits=ListenerLimits(1000, 100))
+                            limits=ListenerLimits(1000, 100, 100))
         self.loop.run_until_complete(site.start())
         self._ready.set()
         self.loop.run_forever()

@@ -103,7 +103,8 @@ def test_both_device_listeners_reset_connections_over_their_budget(
     """``fleetward serve`` wires the connection budgets of fleetward.toml into both
     device listeners and audits the resets; a silent client holds its slot."""
     server = start_server(tmp_path / "data", settings={
-        "mqtt": {"max_connections": 1}, "device_api": {"max_pending_handshakes": 1}})
+        "mqtt": {"max_connections": 1},
+        "device_api": {"max_pending_handshakes": 1, "idle_timeout_seconds": 1}})
     try:
         for port, action in [(server.mqtt_port, "mqtt.connections_limited"),
                              (server.device_port, "device_api.connections_limited")]:
@@ -122,6 +123,7 @@ def test_both_device_listeners_reset_connections_over_their_budget(
                     assert time.monotonic() < deadline, f"{action} not audited"
                     time.sleep(0.2)
                 assert rows[0]["details"]["reset"] == 1
+                assert rows[0]["outcome"] == "failure"
             # negative control: with the slot free again, a real client gets TLS
             context = ssl.create_default_context(cafile=str(server.chain))
             deadline = time.monotonic() + 5
@@ -133,5 +135,13 @@ def test_both_device_listeners_reset_connections_over_their_budget(
                 except (ssl.SSLError, ConnectionError):
                     assert time.monotonic() < deadline, "the slot was never freed"
                     time.sleep(0.1)
+        # A client without a certificate (allowed on :8443 for EST bootstrap) that sends
+        # no request loses its connection after [device_api] idle_timeout_seconds.
+        context = ssl.create_default_context(cafile=str(server.chain))
+        with socket.create_connection(("127.0.0.1", server.device_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""
+            assert time.monotonic() - started < 5, "idle connection kept too long"
     finally:
         stop_server(server)

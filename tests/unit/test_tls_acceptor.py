@@ -94,9 +94,10 @@ def make_listener(request: pytest.FixtureRequest, pki: Pki
     started: list[Listener] = []
 
     def make(max_connections: int = 100, max_pending_handshakes: int = 100,
-             **kwargs: Any) -> Listener:
-        listener = Listener(pki, request.param(),
-                            ListenerLimits(max_connections, max_pending_handshakes), **kwargs)
+             max_pending_handshakes_per_source: int = 100, **kwargs: Any) -> Listener:
+        limits = ListenerLimits(max_connections, max_pending_handshakes,
+                                max_pending_handshakes_per_source)
+        listener = Listener(pki, request.param(), limits, **kwargs)
         started.append(listener)
         return listener
 
@@ -105,11 +106,17 @@ def make_listener(request: pytest.FixtureRequest, pki: Pki
         listener.stop()
 
 
+def connect(listener: Listener, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT,
+                                    source_address=(source, 0))
+
+
 def tls_client(listener: Listener, pki: Pki, device_id: str | None,
-               context: ssl.SSLContext | None = None) -> ssl.SSLSocket:
+               context: ssl.SSLContext | None = None, source: str = "127.0.0.1"
+               ) -> ssl.SSLSocket:
     """A finished handshake, proven by an echo (TLS 1.3 clients finish before the
     server has checked their certificate, and only then learn it was refused)."""
-    raw = socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT)
+    raw = connect(listener, source)
     context = context or pki.client_context(device_id)
     tls = context.wrap_socket(raw, server_hostname="localhost")
     tls.sendall(b"ping")
@@ -169,7 +176,7 @@ def test_certificate_refusals_are_reported_with_the_peer_and_the_reason(
 def test_a_failed_handshake_that_is_not_about_a_certificate_is_not_reported(
         make_listener: Callable[..., Listener]) -> None:
     listener = make_listener()
-    with socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT) as plain:
+    with connect(listener) as plain:
         plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert is_reset(plain)
     wait_until(lambda: listener.counters() == (0, 0), what="counted out")
@@ -179,16 +186,15 @@ def test_a_failed_handshake_that_is_not_about_a_certificate_is_not_reported(
 def test_silent_clients_hold_only_the_pending_budget(
         make_listener: Callable[..., Listener], pki: Pki) -> None:
     listener = make_listener(max_pending_handshakes=2)
-    silent = [socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT)
-              for _ in range(2)]
+    silent = [connect(listener) for _ in range(2)]
     wait_until(lambda: listener.counters() == (2, 2), what="two handshakes pending")
-    with socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT) as third:
+    with connect(listener, "127.0.0.3") as third:
         assert is_reset(third), "a third silent client got a handshake slot"
     assert refused_by_server(lambda: tls_client(listener, pki, "d1")), (
         "the budget is full: even a real device waits until a slot frees")
     wait_until(lambda: len(listener.limited) == 1, what="limit reported")
     peer, limit, reset = listener.limited[0]
-    assert peer.startswith("127.0.0.1:") and limit == "max_pending_handshakes"
+    assert peer.startswith("127.0.0.3:") and limit == "max_pending_handshakes"
     assert reset == 1, "the first reset of a window is reported at once, with its count"
     assert listener.acceptor.reset_total == 2
     for sock in silent:
@@ -200,7 +206,7 @@ def test_silent_clients_hold_only_the_pending_budget(
 def test_a_handshake_that_never_finishes_is_aborted_and_frees_its_slot(
         make_listener: Callable[..., Listener]) -> None:
     listener = make_listener(max_pending_handshakes=1, handshake_timeout_seconds=0.5)
-    with socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT) as silent:
+    with connect(listener) as silent:
         wait_until(lambda: listener.counters() == (1, 1), what="handshake pending")
         started = time.monotonic()
         assert is_reset(silent)
@@ -224,18 +230,51 @@ def test_open_connections_are_capped(make_listener: Callable[..., Listener],
 
 def test_limit_reports_are_aggregated_per_window(make_listener: Callable[..., Listener],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A flood must not become a flood of audit rows: one report per window, carrying
-    the number of connections reset since the last one."""
+    """A flood must not become a flood of audit rows: the first reset is reported at
+    once, the rest of the window's resets in one report when the window ends (even if
+    the flood has stopped by then), and nothing more while nothing happens."""
     monkeypatch.setattr(tls_gate, "LIMIT_REPORT_WINDOW_SECONDS", 0.5)
-    listener = make_listener(max_connections=1, max_pending_handshakes=1)
-    with socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT):
+    listener = make_listener(max_connections=1, max_pending_handshakes=1,
+                             max_pending_handshakes_per_source=1)
+    with connect(listener):
         wait_until(lambda: listener.counters() == (1, 1), what="slot taken")
         for _ in range(5):
-            with socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT) as s:
-                assert is_reset(s)
+            with connect(listener) as over:
+                assert is_reset(over)
         assert [reset for _, _, reset in listener.limited] == [1]
-        time.sleep(0.6)
-        with socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT) as s:
-            assert is_reset(s)
-        wait_until(lambda: len(listener.limited) == 2, what="second window reported")
-        assert listener.limited[1][2] == 5, "4 unreported + this one"
+        wait_until(lambda: len(listener.limited) == 2, what="end-of-window report")
+        assert listener.limited[1][2] == 4
+        time.sleep(1.2)
+        assert len(listener.limited) == 2, "reported again with nothing to report"
+
+
+def test_one_address_gets_only_its_share_of_the_pending_budget(
+        make_listener: Callable[..., Listener], pki: Pki) -> None:
+    """Linux routes all of 127/8 to the loopback, so two addresses are two hosts."""
+    listener = make_listener(max_pending_handshakes=10, max_pending_handshakes_per_source=2)
+    hogs = [connect(listener, "127.0.0.1") for _ in range(2)]
+    wait_until(lambda: listener.counters() == (2, 2), what="two pending")
+    with connect(listener, "127.0.0.1") as third:
+        assert is_reset(third), "one address took more than its share"
+    tls_client(listener, pki, "d1", source="127.0.0.2").close()  # another host still gets in
+    wait_until(lambda: listener.limited != [], what="share reported")
+    assert listener.limited[0][1] == "max_pending_handshakes_per_source"
+    for hog in hogs:
+        hog.close()
+    wait_until(lambda: listener.counters() == (0, 0), what="all counted out")
+    tls_client(listener, pki, "d1", source="127.0.0.1").close()  # its share is free again
+
+
+def test_a_client_refusing_our_certificate_is_not_our_refusal(
+        make_listener: Callable[..., Listener], pki: Pki) -> None:
+    """A client that finds our certificate wrong for the name it asked for sends a
+    bad_certificate alert (RFC 8446 §6.2); the server sees an SSLError naming a
+    certificate, but it is the client's complaint, not a refusal of ours."""
+    listener = make_listener()
+
+    def wrong_name() -> ssl.SSLSocket:
+        raw = connect(listener)
+        return pki.client_context("d1").wrap_socket(raw, server_hostname="elsewhere.example")
+    assert refused_by_server(wrong_name)
+    wait_until(lambda: listener.counters() == (0, 0), what="counted out")
+    assert listener.refused == []

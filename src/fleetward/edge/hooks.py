@@ -22,6 +22,11 @@ from fleetward.store import channel as channel_rows
 log = structlog.get_logger("fleetward.edge")
 
 THROTTLE_KEYS = 10_000  # distinct (device or peer, action) pairs remembered per window
+# Caused before TLS authentication, by anyone from any address: they get a key table of
+# their own, so a flood of them (rotating addresses) cannot crowd devices' audits out.
+UNAUTHENTICATED_ACTIONS = frozenset({"mqtt.tls_refused"})
+# Aggregated by the listener already (one event a minute with a count): never dropped.
+AGGREGATED_ACTIONS = frozenset({"mqtt.connections_limited"})
 
 AcceptPublish = Callable[[Admission, str, bytes, int, bool], Awaitable[int | None]]
 
@@ -91,6 +96,7 @@ class ChannelHooks:
         self._writer = writer
         self._clock = clock
         self._throttle = Throttle(audit_window_seconds)
+        self._unauthenticated_throttle = Throttle(audit_window_seconds)
         self._last_seen: dict[str, Any] = {}
         self._resent: dict[str, float] = {}
 
@@ -104,13 +110,17 @@ class ChannelHooks:
         # two clones taking a session from each other in a loop would otherwise write
         # an audit row per round. The first one of each window is recorded.
         subject = admission.device_id if admission else source.rsplit(":", 1)[0]
-        if not self._throttle.allow((subject, action)):
-            return
+        if action not in AGGREGATED_ACTIONS:
+            throttle = (self._unauthenticated_throttle if action in UNAUTHENTICATED_ACTIONS
+                        else self._throttle)
+            if not throttle.allow((subject, action)):
+                return
         self._writer.submit(AuditEvent(
             action=action,
             actor=f"device:{admission.device_id}" if admission else f"remote:{source}",
             target=f"device:{admission.device_id}" if admission else f"remote:{subject}",
-            outcome="failure" if action.endswith(("_denied", "refused")) else "success",
+            outcome=("failure" if action.endswith(("_denied", "refused", "_limited", "_error"))
+                     else "success"),
             details={"source": source, **details}))
 
     def connected(self, admission: Admission, source: str) -> None:

@@ -48,6 +48,9 @@ OnLimited = Callable[[str, str, int], None]
 class ListenerLimits:
     max_connections: int  # open connections, those still in the handshake included
     max_pending_handshakes: int  # connections that have not finished TLS yet
+    # One address's share of the pending budget: without it one host opening silent
+    # connections faster than they time out would keep every device out.
+    max_pending_handshakes_per_source: int
 
 
 def format_peer(peer: Any) -> str:
@@ -64,11 +67,17 @@ class _Watched:
 
     acceptor: TLSAcceptor
     peer_address = "unknown"
+    source_host: str | None = None  # set while counted in the per-source share
     handshaking = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.peer_address = format_peer(transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        self.peer_address = format_peer(peer)
         super().connection_made(transport)  # type: ignore[misc]
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        if not self.acceptor._source_started(self, host):
+            # Over its address's share: ended before the ClientHello is even read.
+            transport.abort()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
@@ -99,7 +108,7 @@ _UVLOOP = _uvloop_protocol_class()
 
 
 class _Reset(asyncio.Protocol):
-    """A connection over a limit: reset before any TLS work is done, then reported."""
+    """A connection over a limit: closed at once, before any TLS work, then reported."""
 
     def __init__(self, acceptor: TLSAcceptor, limit: str) -> None:
         self._acceptor = acceptor
@@ -108,7 +117,7 @@ class _Reset(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         abort = getattr(transport, "abort", None)
         if callable(abort):
-            abort()  # RST: no FIN handshake, no TIME_WAIT on our side
+            abort()  # nothing buffered to flush: close without waiting for the peer
         else:
             transport.close()
         self._acceptor._report_limit(format_peer(transport.get_extra_info("peername")),
@@ -142,8 +151,11 @@ class TLSAcceptor:
         self.open = 0  # connections accepted and not yet lost
         self.pending = 0  # of those, still in the handshake
         self.reset_total = 0  # connections reset over a limit, ever
+        self._pending_by_source: dict[str, int] = {}  # at most max_pending_handshakes keys
         self._reset_unreported = 0
         self._reported_at = float("-inf")
+        self._last_limit = ("unknown", "max_connections")  # (peer, limit) of the last reset
+        self._flush: asyncio.TimerHandle | None = None
 
     def __call__(self) -> asyncio.BaseProtocol:
         if self.open >= self._limits.max_connections:
@@ -169,12 +181,54 @@ class TLSAcceptor:
         self._reset_unreported += 1
         return _Reset(self, which)
 
+    def _source_started(self, protocol: _Watched, host: str) -> bool:
+        """Count a new handshake in its address's share; False when that share is full
+        (the connection is then aborted and reported like any other reset)."""
+        pending = self._pending_by_source.get(host, 0)
+        if pending >= self._limits.max_pending_handshakes_per_source:
+            self.reset_total += 1
+            self._reset_unreported += 1
+            self._report_limit(protocol.peer_address, "max_pending_handshakes_per_source")
+            return False
+        self._pending_by_source[host] = pending + 1
+        protocol.source_host = host
+        return True
+
+    def _handshake_over(self, protocol: _Watched) -> None:
+        """The handshake ended (finished, failed, timed out or the peer left): free its
+        slots. Called from both ends that can see it first; counts only once."""
+        if not protocol.handshaking:
+            return
+        protocol.handshaking = False
+        self.pending -= 1
+        host, protocol.source_host = protocol.source_host, None
+        if host is not None:
+            left = self._pending_by_source[host] - 1
+            if left:
+                self._pending_by_source[host] = left
+            else:
+                del self._pending_by_source[host]
+
     def _report_limit(self, peer: str, which: str) -> None:
+        self._last_limit = (peer, which)
         now = time.monotonic()
         if now - self._reported_at < LIMIT_REPORT_WINDOW_SECONDS:
+            # Reported at the end of the window, so a burst that stops is still counted.
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(
+                    self._reported_at + LIMIT_REPORT_WINDOW_SECONDS - now, self._flush_report)
             return
+        self._send_report()
+
+    def _flush_report(self) -> None:
+        self._flush = None
+        if self._reset_unreported:
+            self._send_report()
+
+    def _send_report(self) -> None:
+        peer, which = self._last_limit
         count, self._reset_unreported = self._reset_unreported, 0
-        self._reported_at = now
+        self._reported_at = time.monotonic()
         log.warning("tls listener over its connection limit; new connections are reset",
                     limit=which, reset=count, open=self.open, pending=self.pending)
         try:
@@ -183,9 +237,7 @@ class TLSAcceptor:
             log.exception("could not record a connection limit")
 
     def _handshake_done(self, waiter: asyncio.Future[None], protocol: _Watched) -> None:
-        if protocol.handshaking:
-            protocol.handshaking = False
-            self.pending -= 1
+        self._handshake_over(protocol)
         if waiter.cancelled():
             return
         exc = waiter.exception()  # retrieved here, so asyncio never warns about it
@@ -194,8 +246,12 @@ class TLSAcceptor:
         reason: str | None = None
         if isinstance(exc, ssl.SSLCertVerificationError):
             reason = exc.verify_message or str(exc)
-        elif isinstance(exc, ssl.SSLError) and "CERTIFICATE" in (exc.reason or "").upper():
-            reason = exc.reason
+        elif isinstance(exc, ssl.SSLError):
+            # "…_ALERT_BAD_CERTIFICATE" and the like are alerts the *client* sent about
+            # *our* certificate (RFC 8446 §6.2): its complaint, not a refusal of ours.
+            name = (exc.reason or "").upper()
+            if "CERTIFICATE" in name and "ALERT" not in name:
+                reason = exc.reason
         if reason is None:
             log.debug("tls handshake failed", peer=protocol.peer_address,
                       error=type(exc).__name__)
@@ -208,9 +264,7 @@ class TLSAcceptor:
 
     def _ended(self, protocol: _Watched) -> None:
         self.open -= 1
-        if protocol.handshaking:  # lost before the waiter said anything
-            protocol.handshaking = False
-            self.pending -= 1
+        self._handshake_over(protocol)  # lost before the waiter said anything
 
 
 class GatedTLSSite(web.TCPSite):

@@ -109,7 +109,10 @@ class MqttHooks(Protocol):
         """Record a security-relevant event; fire-and-forget, the implementation
         throttles. Actions: mqtt.publish_denied, mqtt.publish_refused,
         mqtt.subscribe_denied, mqtt.will_denied, mqtt.connect_refused,
-        mqtt.session_taken_over, mqtt.protocol_error."""
+        mqtt.session_taken_over, mqtt.protocol_error, mqtt.subscription_dropped;
+        before TLS authentication (``admission`` None, anyone can cause them):
+        mqtt.tls_refused, and mqtt.connections_limited (already aggregated: one call
+        per minute at most, with a count)."""
         ...
 
     def connected(self, admission: Admission, source: str) -> None:
@@ -186,7 +189,8 @@ class MqttServer:
         self._server: asyncio.AbstractServer | None = None
         self._acceptor = TLSAcceptor(
             ssl_context, lambda: _Connection(self),
-            limits=ListenerLimits(config.max_connections, config.max_pending_handshakes),
+            limits=ListenerLimits(config.max_connections, config.max_pending_handshakes,
+                                  config.max_pending_handshakes_per_source),
             on_refused=self._tls_refused, on_limited=self._connections_limited,
             handshake_timeout_seconds=float(config.connect_timeout_seconds))
         self._housekeeping: asyncio.TimerHandle | None = None
