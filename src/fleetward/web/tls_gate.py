@@ -10,10 +10,11 @@ handshake waiter. Successful connections reach the application protocol unchange
 
 Building the protocol here is also the only place that sees a connection *before* its
 handshake, so it is where a listener bounds how many connections it holds open and how
-many are still unauthenticated: beyond ``max_connections`` or
-``max_pending_handshakes`` a new TCP connection is reset at once instead of costing a
-handshake (an ECDHE + ECDSA round costs the server ≈ 1.5 ms of CPU), and a flood of
-clients that connect and never finish TLS cannot hold more than the pending budget.
+many are still unauthenticated: beyond ``max_connections``, ``max_pending_handshakes``
+or one address's ``max_pending_handshakes_per_source`` a new TCP connection is closed
+at once instead of costing a handshake (an ECDHE + ECDSA round costs the server ≈ 1.5 ms
+of CPU), and clients that connect and never finish TLS cannot hold more than the
+pending budget, nor one address more than its share of it.
 
 ``loop.start_tls`` on an accepted connection is not an option: uvloop starts reading
 right after ``connection_made``, so a fast client's ClientHello can arrive before
