@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from fleetward.clock import FrozenClock
 from fleetward.config import MqttConfig
+from fleetward.edge.mqtt import broker as broker_module
 from fleetward.edge.mqtt import codec as c
 from tests.unit.mqtt_support import PahoDevice, Pki, RawClient, ServerThread, pump, wait_until
 
@@ -683,6 +684,24 @@ def test_a_certificate_refused_in_the_handshake_is_audited(
     wait_until(lambda: server.hooks.audited("mqtt.tls_refused") != [], what="refusal audited")
     assert "unable to get local issuer" in server.hooks.audited("mqtt.tls_refused")[0]["reason"]
     assert server.stats().handshaking == 0
+
+
+def test_a_device_reconnecting_in_a_loop_does_not_grow_the_timer_heap(
+        make_server: Callable[..., ServerThread], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each detach schedules the session's expiry (here a week away); each resume
+    leaves that entry stale. Without compaction the heap grows by one per cycle."""
+    monkeypatch.setattr(broker_module, "TIMER_COMPACTION_FLOOR", 16)
+    server = make_server()
+    for _ in range(60):
+        client = RawClient(server, "d1")
+        assert client.connect("d1", clean_start=False,
+                              properties=expiry(604800)).reason_code == 0
+        client.sock.close()  # a flapping link: no DISCONNECT
+        wait_until(lambda: server.stats().connections == 0, what="detached")
+    timers = server.call(lambda: server.server.broker.timer_count)
+    assert timers <= 16 + 4 * 1 + 1, f"{timers} timer entries for one session"
+    back = RawClient(server, "d1")  # the live entry survived compaction: session kept
+    assert back.connect("d1", clean_start=False, properties=expiry(300)).session_present
 
 
 def test_acknowledgements_and_routing_keep_arrival_order(server: ServerThread) -> None:

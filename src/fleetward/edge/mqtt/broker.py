@@ -17,6 +17,10 @@ from fleetward.edge.channel import Action, Admission
 from fleetward.edge.mqtt.session import Counters, Delivery, Message, Session, Subscriber
 from fleetward.policy.topics import MULTI_LEVEL, SEPARATOR, SINGLE_LEVEL, TopicTrie
 
+# The timer heap is rebuilt without stale entries when it holds this many more than
+# four per session (see Broker.schedule).
+TIMER_COMPACTION_FLOOR = 1024
+
 
 class _Level:
     __slots__ = ("children", "message")
@@ -180,9 +184,26 @@ class Broker:
             del self.sessions[session.client_id]
 
     def schedule(self, session: Session, due_at: float) -> None:
-        """Look at ``session`` again at ``due_at`` unless it is attached meanwhile."""
-        heapq.heappush(self._timers, (due_at, next(self._sequence), session.generation,
-                                      session))
+        """Look at ``session`` again at ``due_at`` unless it is attached meanwhile.
+
+        A reattached or ended session leaves its entries behind (they are skipped when
+        due). A device that reconnects in a loop with a week's session expiry would
+        grow the heap by an entry per cycle for a week, so once stale entries clearly
+        outnumber live ones the heap is rebuilt without them: every live session has at
+        most two entries (will delay, expiry), and the rebuild is paid for by the
+        pushes that made it necessary.
+        """
+        timers = self._timers
+        if len(timers) >= TIMER_COMPACTION_FLOOR + 4 * len(self.sessions):
+            timers[:] = [entry for entry in timers
+                         if entry[3].generation == entry[2] and entry[3].link is None]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (due_at, next(self._sequence), session.generation, session))
+
+    @property
+    def timer_count(self) -> int:
+        """Entries in the timer heap, stale ones included (for stats and tests)."""
+        return len(self._timers)
 
     def due(self, now: float) -> list[Session]:
         """Detached sessions whose expiry or delayed will is due."""
