@@ -109,6 +109,40 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+class TimedRun:
+    """The rates of one timed run, mixed into each bench's frozen ``Result`` dataclass,
+    which has ``wall_seconds``, ``cpu_seconds`` and ``clients`` fields and says what it
+    counted through ``count``."""
+
+    __slots__ = ()
+    wall_seconds: float
+    cpu_seconds: float  # the server's, from /proc
+    clients: int
+
+    @property
+    def count(self) -> int:
+        raise NotImplementedError("each Result says what it counted")
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.count / self.cpu_seconds
+
+    @property
+    def per_wall_second(self) -> float:
+        return self.count / self.wall_seconds
+
+    @property
+    def busy(self) -> float:
+        return self.cpu_seconds / self.wall_seconds
+
+    def rates_json(self) -> dict[str, Any]:
+        return {"wall_seconds": round(self.wall_seconds, 4),
+                "server_cpu_seconds": round(self.cpu_seconds, 4),
+                "per_server_cpu_second": round(self.per_cpu_second, 1),
+                "per_wall_second": round(self.per_wall_second, 1),
+                "server_busy": round(self.busy, 3), "clients": self.clients}
+
+
 @dataclass(frozen=True, slots=True)
 class Pinning:
     """Which CPUs the server and the clients run on (``taskset -c``); None = unpinned."""

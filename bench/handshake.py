@@ -58,7 +58,7 @@ DETAILS = "TLS 1.3, P-256, mTLS, no resumption"
 
 
 @dataclass(frozen=True, slots=True)
-class Result:
+class Result(ch.TimedRun):
     name: str
     handshakes: int
     wall_seconds: float
@@ -67,16 +67,8 @@ class Result:
     tickets: int
 
     @property
-    def per_cpu_second(self) -> float:
-        return self.handshakes / self.cpu_seconds
-
-    @property
-    def per_wall_second(self) -> float:
-        return self.handshakes / self.wall_seconds
-
-    @property
-    def busy(self) -> float:
-        return self.cpu_seconds / self.wall_seconds
+    def count(self) -> int:
+        return self.handshakes
 
     def line(self) -> str:
         extra = ", + MQTT CONNECT/CONNACK/DISCONNECT" if self.name.endswith("+connect") else ""
@@ -86,11 +78,7 @@ class Result:
                 f"{self.tickets} tickets{extra}]")
 
     def to_json(self) -> dict[str, Any]:
-        return {"handshakes": self.handshakes, "wall_seconds": round(self.wall_seconds, 4),
-                "server_cpu_seconds": round(self.cpu_seconds, 4),
-                "per_server_cpu_second": round(self.per_cpu_second, 1),
-                "per_wall_second": round(self.per_wall_second, 1),
-                "server_busy": round(self.busy, 3), "clients": self.clients,
+        return {"handshakes": self.handshakes, **self.rates_json(),
                 "tickets_per_handshake": self.tickets}
 
 

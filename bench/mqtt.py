@@ -66,7 +66,7 @@ SYS_RECEIVED = "$SYS/broker/publish/messages/received"
 
 
 @dataclass(frozen=True, slots=True)
-class Result:
+class Result(ch.TimedRun):
     server: str  # fleetward | mosquitto
     qos: int
     messages: int  # counted by the server side: rows stored / PUBLISHes received
@@ -75,16 +75,8 @@ class Result:
     clients: int
 
     @property
-    def per_cpu_second(self) -> float:
-        return self.messages / self.cpu_seconds
-
-    @property
-    def per_wall_second(self) -> float:
-        return self.messages / self.wall_seconds
-
-    @property
-    def busy(self) -> float:
-        return self.cpu_seconds / self.wall_seconds
+    def count(self) -> int:
+        return self.messages
 
     def line(self, args: argparse.Namespace) -> str:
         what = ("policy + payload check + SQLite row" if self.server == "fleetward"
@@ -96,11 +88,7 @@ class Result:
                 f"{args.payload_bytes}-byte JSON, {what}]")
 
     def to_json(self) -> dict[str, Any]:
-        return {"messages": self.messages, "wall_seconds": round(self.wall_seconds, 4),
-                "server_cpu_seconds": round(self.cpu_seconds, 4),
-                "per_server_cpu_second": round(self.per_cpu_second, 1),
-                "per_wall_second": round(self.per_wall_second, 1),
-                "server_busy": round(self.busy, 3), "clients": self.clients}
+        return {"messages": self.messages, **self.rates_json()}
 
 
 def publish(server: str, qos: int, pid: int, port: int, identities: list[ch.Identity],

@@ -223,19 +223,20 @@ class PahoClient:
 
     def __init__(self, server: RunningServer, identity: DeviceIdentity, *, v5: bool,
                  persistent: bool = False, session_expiry_seconds: int = 300,
-                 connect: bool = True) -> None:
+                 connect: bool = True, client_id: str | None = None) -> None:
         self.v5 = v5
         self.connack = threading.Event()
         self.disconnected = threading.Event()
         self.connack_code: int | None = None
         self.session_present: bool | None = None
         self.disconnect_code: int | None = None
+        self.disconnected_at = 0.0  # time.monotonic() of the DISCONNECT or close
         self.acks: dict[int, int] = {}
         self.subacks: dict[int, list[int]] = {}
         self._acked = threading.Condition()
         self.received: queue.Queue[PahoMessage] = queue.Queue()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=identity.device_id,
+            CallbackAPIVersion.VERSION2, client_id=client_id or identity.device_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else not persistent,
             reconnect_on_failure=False)
@@ -274,6 +275,7 @@ class PahoClient:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Properties | None) -> None:
         self.disconnect_code = reason.value
+        self.disconnected_at = time.monotonic()
         self.disconnected.set()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: ReasonCode,

@@ -78,6 +78,7 @@ from fleetward.clock import FrozenClock, SystemClock
 from fleetward.config import CAConfig
 from fleetward.errors import InvalidInput
 from tests.conftest import Stack, free_port, need_service
+from tests.integration.channel_helpers import write_cert_and_key
 from tests.unit.test_agent_est_client import Pki
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -112,14 +113,7 @@ def issue_server(stack: Stack, directory: Path) -> Pem:
 
 
 def write_pem(directory: Path, name: str, cert_pem: str, key: ec.EllipticCurvePrivateKey) -> Pem:
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key_file = directory / f"{name}.pem", directory / f"{name}.key"
-    cert.write_text(cert_pem)
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_file.chmod(0o600)
-    return Pem(cert, key_file)
+    return Pem(*write_cert_and_key(directory, name, cert_pem, key))
 
 
 def issue_client(stack: Stack, directory: Path, device_id: str) -> Pem:

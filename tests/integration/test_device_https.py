@@ -14,7 +14,6 @@ import asyncio
 import datetime as dt
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -52,6 +51,7 @@ from fleetward.store.schema import device_messages
 from fleetward.web.tls import server_context
 from fleetward.web.tls_gate import GatedTLSSite, ListenerLimits
 from tests.conftest import IN_CI, Stack, free_port
+from tests.integration.channel_helpers import KeepAliveConnection, write_cert_and_key
 
 T = TypeVar("T")
 PROBLEM = "application/problem+json"
@@ -104,18 +104,6 @@ class LazyIngest:
         await server.ingest.accept_http(admission, kind, message_type, data)
 
 
-def write_pair(directory: Path, name: str, cert_pem: str,
-               key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key_file = directory / f"{name}.pem", directory / f"{name}.key"
-    cert.write_text(cert_pem)
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_file.chmod(0o600)
-    return cert, key_file
-
-
 class DeviceServer:
     """The device listener as ``fleetward serve`` builds it, on its own uvloop thread."""
 
@@ -129,8 +117,8 @@ class DeviceServer:
             record = stack.authority.issue(conn, IssueRequest(
                 public_key=key.public_key(), profile=profiles_from_config(CAConfig())["server"],
                 server_names=("localhost", "127.0.0.1")), "test")
-        cert, key_file = write_pair(directory, "server", record.pem + stack.authority.issuing.pem,
-                                    key)
+        cert, key_file = write_cert_and_key(
+            directory, "server", record.pem + stack.authority.issuing.pem, key)
         self.tls = server_context(cert, key_file, client_ca_file=self.cafile)
         self.live = LiveConnections()
         self.policies = PolicyService(stack.db, stack.audit, stack.clock)
@@ -192,7 +180,7 @@ class DeviceServer:
         csr = build_csr(device_id, key).public_bytes(serialization.Encoding.PEM)
         record = self.stack.registry.issue_certificate(device_id, csr, "device",
                                                        "operator:test")
-        cert, key_file = write_pair(self.directory / "devices", device_id, record.pem, key)
+        cert, key_file = write_cert_and_key(self.directory / "devices", device_id, record.pem, key)
         self.sync()
         return Identity(device_id, cert, key_file, self.cafile, record.serial)
 
@@ -223,40 +211,6 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body["status"] == status and body["detail"] and body["hint"], body
     assert "Traceback" not in response.text
     return body
-
-
-class KeepAlive:
-    """One HTTP/1.1 keep-alive connection on a raw TLS socket, so its close is visible."""
-
-    def __init__(self, server: DeviceServer, identity: Identity) -> None:
-        raw = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
-        self.sock = identity.context().wrap_socket(raw, server_hostname="localhost")
-
-    def get(self, path: str) -> int:
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, "connection closed before the response"
-            head += chunk
-        header_block, _, body = head.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":", 1)[1]) for line in header_block.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        while len(body) < length:
-            body += self.sock.recv(4096)
-        return int(head.split(b" ", 2)[1])
-
-    def closed_within(self, seconds: float) -> bool:
-        self.sock.settimeout(seconds)
-        try:
-            return self.sock.recv(1) == b""
-        except TimeoutError:
-            return False
-        except (ssl.SSLError, OSError):
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -301,13 +255,14 @@ def test_own_status_comes_from_the_admission(server: DeviceServer) -> None:
 def test_revocation_closes_the_live_connection_and_the_next_one_is_403(
         server: DeviceServer) -> None:
     own, other = server.device("d1"), server.device("d2")
-    conn, bystander = KeepAlive(server, own), KeepAlive(server, other)
+    conn = KeepAliveConnection(server.port, own.context())
+    bystander = KeepAliveConnection(server.port, other.context())
     assert conn.get("/v1/devices/self") == 200 and bystander.get("/v1/devices/self") == 200
     assert server.live.count("https") == 2
     server.stack.registry.revoke_certificate(own.serial, "keyCompromise", "operator:test")
     assert server.sync() == 1
-    assert conn.closed_within(0.9), "the revoked device's keep-alive connection stayed open"
-    assert not bystander.closed_within(0.3)  # negative control: only that device
+    assert conn.wait_closed(0.9), "the revoked device's keep-alive connection stayed open"
+    assert not bystander.wait_closed(0.3)  # negative control: only that device
     assert bystander.get("/v1/devices/self") == 200
     with server.client(own) as device:
         body = problem(device.get("/v1/devices/self"), 403)
@@ -320,7 +275,7 @@ def test_revocation_closes_the_live_connection_and_the_next_one_is_403(
 
 def test_a_registered_closer_closes_the_keep_alive_connection(server: DeviceServer) -> None:
     own = server.device("d1")
-    conn = KeepAlive(server, own)
+    conn = KeepAliveConnection(server.port, own.context())
     assert conn.get("/v1/devices/self") == 200
     assert conn.get("/v1/devices/self") == 200  # admitted once per connection
     assert server.live.count("https") == 1 and server.tracked() == 1
@@ -328,7 +283,7 @@ def test_a_registered_closer_closes_the_keep_alive_connection(server: DeviceServ
     assert closed == 1
     # Within the issue's one-second budget, and before the 1 s abort fallback: the close
     # itself (close_notify, then EOF) must do it.
-    assert conn.closed_within(0.9)
+    assert conn.wait_closed(0.9)
     assert server.live.count("https") == 0 and server.tracked() == 0
     conn.close()
 
@@ -438,22 +393,32 @@ def test_malformed_messages_get_a_problem_a_developer_can_act_on(
 # --- commands ----------------------------------------------------------------------------
 
 
-def test_long_poll_returns_a_command_queued_during_the_wait(server: DeviceServer) -> None:
-    own = server.device("d1")
+def start_long_poll(server: DeviceServer, identity: Identity) -> Callable[[], httpx.Response]:
+    """``GET /v1/commands?wait=3`` on a thread of its own; returns once the server holds
+    the poll, with a function that waits for and returns its answer."""
     answer: dict[str, httpx.Response] = {}
 
     def poll() -> None:
-        with server.client(own) as device:
+        with server.client(identity) as device:
             answer["poll"] = device.get("/v1/commands", params={"wait": 3})
 
     thread = threading.Thread(target=poll)
     thread.start()
     wait_until(lambda: server.commands.waiting() == 1, "the long-poll to wait")
+
+    def result() -> httpx.Response:
+        thread.join(WAIT)
+        return answer["poll"]
+    return result
+
+
+def test_long_poll_returns_a_command_queued_during_the_wait(server: DeviceServer) -> None:
+    own = server.device("d1")
+    answer = start_long_poll(server, own)
     queued = server.commands.queue("d1", "reboot", {"delay_seconds": 5}, None, "operator:x")
     queued_at = time.monotonic()
-    thread.join(WAIT)
+    response = answer()
     answered_in = time.monotonic() - queued_at
-    response = answer["poll"]
     assert response.status_code == 200, response.text
     assert [item["id"] for item in response.json()["items"]] == [queued.id]
     assert response.json()["items"][0] == {
@@ -552,20 +517,12 @@ def test_a_long_poll_that_outlives_a_quarantine_hands_nothing_out(server: Device
     """The device was quarantined while its long-poll waited: the command queued
     meanwhile must not reach it (quarantined devices get recovery routes only)."""
     own = server.device("d1")
-    answer: dict[str, httpx.Response] = {}
-
-    def poll() -> None:
-        with server.client(own) as device:
-            answer["poll"] = device.get("/v1/commands", params={"wait": 3})
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    wait_until(lambda: server.commands.waiting() == 1, "the long-poll to wait")
+    answer = start_long_poll(server, own)
     server.stack.registry.change_state("d1", LifecycleState.QUARANTINED, "operator:test")
     server.sync()
     queued = server.commands.queue("d1", "reboot", {}, None, "operator:x")
-    thread.join(WAIT)
-    assert answer["poll"].status_code == 403, answer["poll"].text
+    refused = answer()
+    assert refused.status_code == 403, refused.text
     assert server.commands.get(queued.id).status == "pending"  # never handed out
 
 

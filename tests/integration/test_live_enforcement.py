@@ -8,25 +8,17 @@ API, and checks that both connections end within a second, MQTT with DISCONNECT 
 
 from __future__ import annotations
 
-import json
-import socket
-import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.integration.channel_helpers import DeviceIdentity, make_device
+from tests.integration.channel_helpers import DeviceIdentity, KeepAliveConnection, make_device
+from tests.integration.mqtt_helpers import PahoClient
 
 LIVE_BUDGET_SECONDS = 1.0  # the issue's bound: closed within one second
 
@@ -39,108 +31,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     stop_server(s)
 
 
-class Session:
-    """One paho MQTT 5 connection, recording CONNACK and DISCONNECT reason codes."""
-
-    def __init__(self, server: RunningServer, identity: DeviceIdentity,
-                 client_id: str | None = None, persistent: bool = False) -> None:
-        self.connack = threading.Event()
-        self.session_present: bool | None = None
-        self.disconnected = threading.Event()
-        self.connack_code: int | None = None
-        self.disconnect_code: int | None = None
-        self.disconnect_reason_string: str | None = None
-        self.disconnected_at = 0.0
-        self.pubacks: dict[int, int] = {}
-        self.puback_event = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or identity.device_id,
-                                  protocol=mqtt.MQTTv5)
-        self.client.tls_set_context(identity.tls_context())
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
-        properties = None
-        if persistent:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 300
-        self.client.connect("localhost", server.mqtt_port, keepalive=30,
-                            clean_start=not persistent, properties=properties)
-        self.client.loop_start()
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode,
-                    properties: Properties | None) -> None:
-        self.connack_code = reason.value
-        self.session_present = bool(flags.session_present)
-        self.connack.set()
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode,
-                       properties: Properties | None) -> None:
-        self.disconnect_code = reason.value
-        props = getattr(properties, "ReasonString", None) if properties else None
-        self.disconnect_reason_string = props
-        self.disconnected_at = time.monotonic()
-        self.disconnected.set()
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: ReasonCode,
-                    properties: Properties | None) -> None:
-        self.pubacks[mid] = reason.value
-        self.puback_event.set()
-
-    def wait_connack(self) -> int:
-        assert self.connack.wait(10), "no CONNACK"
-        assert self.connack_code is not None
-        return self.connack_code
-
-    def publish(self, topic: str, payload: dict[str, Any]) -> int:
-        self.puback_event.clear()
-        info = self.client.publish(topic, json.dumps(payload), qos=1)
-        deadline = time.monotonic() + 10
-        while info.mid not in self.pubacks and time.monotonic() < deadline:
-            self.puback_event.wait(0.1)
-        assert info.mid in self.pubacks, "no PUBACK"
-        return self.pubacks[info.mid]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-class KeepAlive:
-    """An HTTP/1.1 keep-alive connection on a raw TLS socket: we can see its close."""
-
-    def __init__(self, server: RunningServer, identity: DeviceIdentity) -> None:
-        raw = socket.create_connection(("localhost", server.device_port), timeout=10)
-        self.sock = identity.tls_context().wrap_socket(raw, server_hostname="localhost")
-        self.closed_at = 0.0
-
-    def get(self, path: str) -> int:
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, "connection closed before the response"
-            head += chunk
-        status = int(head.split(b" ", 2)[1])
-        header_block, _, body = head.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":", 1)[1]) for line in header_block.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        while len(body) < length:
-            body += self.sock.recv(4096)
-        return status
-
-    def wait_closed(self, timeout: float) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(1)
-        except TimeoutError:
-            return False
-        except (ssl.SSLError, ConnectionError, OSError):
-            data = b""
-        if data == b"":
-            self.closed_at = time.monotonic()
-            return True
-        return False
+def mqtt_session(server: RunningServer, identity: DeviceIdentity, *,
+                 client_id: str | None = None, persistent: bool = False) -> PahoClient:
+    """One MQTT 5 connection recording CONNACK and DISCONNECT reason codes."""
+    return PahoClient(server, identity, v5=True, client_id=client_id, persistent=persistent)
 
 
 def _https(server: RunningServer, identity: DeviceIdentity) -> httpx.Client:
@@ -177,11 +71,11 @@ def test_change_closes_live_sessions_within_a_second_and_reconnect_fails(
         change: Callable[[httpx.Client, DeviceIdentity], httpx.Response],
         connack: int, self_status: int) -> None:
     identity = make_device(server, tmp_path, f"live-{name}")
-    session = Session(server, identity)
+    session = mqtt_session(server, identity)
     assert session.wait_connack() == 0
     own = f"devices/{identity.device_id}/telemetry/reading"
-    assert session.publish(own, {"t": 1}) == 0  # negative control: it works before
-    http = KeepAlive(server, identity)
+    assert session.publish(own, b'{"t": 1}', 1) == 0  # negative control: it works before
+    http = KeepAliveConnection(server.device_port, identity.tls_context())
     assert http.get("/v1/devices/self") == 200
 
     with server.admin() as admin:
@@ -202,7 +96,7 @@ def test_change_closes_live_sessions_within_a_second_and_reconnect_fails(
         assert http.closed_at - changed_at < LIVE_BUDGET_SECONDS
     session.close()
 
-    again = Session(server, identity)
+    again = mqtt_session(server, identity)
     assert again.wait_connack() == connack
     again.close()
     with _https(server, identity) as client:
@@ -218,10 +112,10 @@ def test_change_closes_live_sessions_within_a_second_and_reconnect_fails(
 def test_policy_change_applies_to_a_live_session_without_reconnect(
         server: RunningServer, tmp_path: Path) -> None:
     identity = make_device(server, tmp_path, "live-policy")
-    session = Session(server, identity)
+    session = mqtt_session(server, identity)
     assert session.wait_connack() == 0
     topic = f"devices/{identity.device_id}/telemetry/reading"
-    assert session.publish(topic, {"t": 1}) == 0
+    assert session.publish(topic, b'{"t": 1}', 1) == 0
     deny = {"statements": [
         {"sid": "allow-all-default", "effect": "allow", "actions": ["mqtt:*"],
          "resources": ["devices/${device.id}/#", "${device.id}"]},
@@ -235,7 +129,7 @@ def test_policy_change_applies_to_a_live_session_without_reconnect(
     deadline = time.monotonic() + LIVE_BUDGET_SECONDS + 0.5
     code = 0
     while time.monotonic() < deadline:
-        code = session.publish(topic, {"t": 2})
+        code = session.publish(topic, b'{"t": 2}', 1)
         if code == 0x87:
             break
         time.sleep(0.05)
@@ -247,7 +141,7 @@ def test_policy_change_applies_to_a_live_session_without_reconnect(
         assert detached.status_code in (200, 204), detached.text
     deadline = time.monotonic() + LIVE_BUDGET_SECONDS + 0.5
     while time.monotonic() < deadline:
-        code = session.publish(topic, {"t": 3})
+        code = session.publish(topic, b'{"t": 3}', 1)
         if code == 0:
             break
         time.sleep(0.05)
@@ -258,12 +152,12 @@ def test_policy_change_applies_to_a_live_session_without_reconnect(
 def test_client_id_must_match_the_certificate_and_takeover_is_audited(
         server: RunningServer, tmp_path: Path) -> None:
     identity = make_device(server, tmp_path, "live-id")
-    wrong = Session(server, identity, client_id="someone-else")
+    wrong = mqtt_session(server, identity, client_id="someone-else")
     assert wrong.wait_connack() == 0x85  # client identifier not valid
     wrong.close()
-    first = Session(server, identity)
+    first = mqtt_session(server, identity)
     assert first.wait_connack() == 0
-    second = Session(server, identity)
+    second = mqtt_session(server, identity)
     assert second.wait_connack() == 0
     assert first.disconnected.wait(5)
     assert first.disconnect_code == 0x8E  # session taken over
@@ -315,27 +209,6 @@ def test_est_reenroll_is_decided_by_the_device_policy(server: RunningServer,
     assert _reenroll(server, allowed).status_code == 200  # negative control: default policy
 
 
-def _collect_messages(session: Session) -> tuple[list[str], threading.Event]:
-    received: list[str] = []
-    got = threading.Event()
-
-    def on_message(client: Any, userdata: Any, message: Any) -> None:
-        received.append(message.topic)
-        got.set()
-    session.client.on_message = on_message
-    return received, got
-
-
-def _subscribe_to_commands(session: Session, device_id: str) -> tuple[list[str],
-                                                                      threading.Event]:
-    received, got = _collect_messages(session)
-    subscribed = threading.Event()
-    session.client.on_subscribe = lambda *args: subscribed.set()
-    session.client.subscribe(f"devices/{device_id}/commands/#", qos=1)
-    assert subscribed.wait(5)
-    return received, got
-
-
 def _attach_receive_only_policy(server: RunningServer, device_id: str) -> None:
     """Connect and receive stay allowed; subscribe is withdrawn."""
     _attach_policy(server, "no-subscribe", device_id, [
@@ -357,15 +230,15 @@ def test_a_policy_change_drops_subscriptions_it_no_longer_allows(
     """Receive stays allowed; subscribe is withdrawn: the live subscription must go, or
     the old grant would outlive the policy."""
     identity = make_device(server, tmp_path, "live-subs")
-    session = Session(server, identity)
+    session = mqtt_session(server, identity)
     assert session.wait_connack() == 0
-    received, got = _subscribe_to_commands(session, identity.device_id)
+    assert session.subscribe(f"devices/{identity.device_id}/commands/#", 1) == [1]
     server.cli("device", "command", identity.device_id, "first", "--payload", "{}")
-    assert got.wait(5), "negative control: the command arrives while subscribed"
-    got.clear()
+    assert session.take(1), "negative control: the command arrives while subscribed"
     _attach_receive_only_policy(server, identity.device_id)
     server.cli("device", "command", identity.device_id, "second", "--payload", "{}")
-    assert not got.wait(1.5), f"delivered after the subscribe grant was withdrawn: {received}"
+    late = session.take(1, timeout=1.5)
+    assert late == [], f"delivered after the subscribe grant was withdrawn: {late}"
     assert not session.disconnected.is_set()
     assert _subscription_drops(server, identity.device_id) >= 1
     session.close()
@@ -374,21 +247,19 @@ def test_a_policy_change_drops_subscriptions_it_no_longer_allows(
 def test_a_resumed_session_loses_subscriptions_the_policy_withdrew_meanwhile(
         server: RunningServer, tmp_path: Path) -> None:
     identity = make_device(server, tmp_path, "resume-subs")
-    first = Session(server, identity, persistent=True)
+    first = mqtt_session(server, identity, persistent=True)
     assert first.wait_connack() == 0
-    _subscribe_to_commands(first, identity.device_id)
-    first.client.disconnect()
-    first.client.loop_stop()
-    time.sleep(0.3)  # let the server see the DISCONNECT and park the session
+    assert first.subscribe(f"devices/{identity.device_id}/commands/#", 1) == [1]
+    first.close()  # DISCONNECT 0x00: the session is parked
     _attach_receive_only_policy(server, identity.device_id)
     time.sleep(0.5)  # no live connection to notify: the drop must happen on resume
     assert _subscription_drops(server, identity.device_id) == 0
 
-    second = Session(server, identity, persistent=True)
+    second = mqtt_session(server, identity, persistent=True)
     assert second.wait_connack() == 0
     assert second.session_present, "negative control: the session was resumed"
-    received, got = _collect_messages(second)
     server.cli("device", "command", identity.device_id, "after", "--payload", "{}")
-    assert not got.wait(1.5), f"resumed subscription outlived the policy: {received}"
+    late = second.take(1, timeout=1.5)
+    assert late == [], f"resumed subscription outlived the policy: {late}"
     assert _subscription_drops(server, identity.device_id) >= 1
     second.close()

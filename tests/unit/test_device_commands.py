@@ -263,13 +263,25 @@ def test_listeners_hear_of_each_queued_command_after_commit(stack: Stack) -> Non
 # --- long-poll --------------------------------------------------------------------------
 
 
-def queue_later(commands: DeviceCommandService, device_id: str, delay: float) -> threading.Thread:
-    def run() -> None:
-        time.sleep(delay)
-        commands.queue(device_id, "ping", {}, None, "operator:alice")
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+def poll_while_queueing(poller: DeviceCommandService, queuer: DeviceCommandService, *,
+                        queue_for: str, after: float, wait: float
+                        ) -> tuple[list[dict[str, Any]], float]:
+    """Long-poll d1 on ``poller`` while another thread has ``queuer`` queue a command for
+    ``queue_for`` ``after`` seconds in; what the poll returned, and how long it took."""
+    def queue_later() -> None:
+        time.sleep(after)
+        queuer.queue(queue_for, "ping", {}, None, "operator:alice")
+
+    async def poll() -> tuple[list[dict[str, Any]], float]:
+        thread = threading.Thread(target=queue_later)
+        thread.start()
+        started = time.monotonic()
+        items = await poller.wait_for_commands("d1", wait)
+        elapsed = time.monotonic() - started
+        await asyncio.to_thread(thread.join)
+        return items, elapsed
+
+    return asyncio.run(poll())
 
 
 def test_long_poll_wakes_when_a_command_is_queued_in_process(
@@ -279,16 +291,8 @@ def test_long_poll_wakes_when_a_command_is_queued_in_process(
     # Only the in-process wake-up can answer within the bound: the database re-read is
     # pushed out of reach.
     monkeypatch.setattr(commands_module, "POLL_DB_RECHECK_SECONDS", 60.0)
-
-    async def poll() -> tuple[list[dict[str, Any]], float]:
-        thread = queue_later(commands, "d1", 0.3)
-        started = time.monotonic()
-        items = await commands.wait_for_commands("d1", 20)
-        elapsed = time.monotonic() - started
-        await asyncio.to_thread(thread.join)
-        return items, elapsed
-
-    items, elapsed = asyncio.run(poll())
+    items, elapsed = poll_while_queueing(commands, commands, queue_for="d1", after=0.3,
+                                         wait=20)
     assert [i["name"] for i in items] == ["ping"]
     assert elapsed < 1.5  # woken by the queue, within one second of it
     assert commands.waiting() == 0
@@ -298,14 +302,7 @@ def test_long_poll_sees_a_command_queued_by_another_node(
         stack: Stack, executor: ThreadPoolExecutor) -> None:
     stack.add_device("d1")
     this_node, other_node = service(stack, executor), service(stack, executor)
-
-    async def poll() -> list[dict[str, Any]]:
-        thread = queue_later(other_node, "d1", 0.2)
-        items = await this_node.wait_for_commands("d1", 20)
-        await asyncio.to_thread(thread.join)
-        return items
-
-    items = asyncio.run(poll())
+    items, _ = poll_while_queueing(this_node, other_node, queue_for="d1", after=0.2, wait=20)
     assert [i["name"] for i in items] == ["ping"]
 
 
@@ -314,16 +311,8 @@ def test_long_poll_times_out_empty_and_ignores_other_devices(
     stack.add_device("d1")
     stack.add_device("d2")
     commands = service(stack, executor)
-
-    async def poll() -> tuple[list[dict[str, Any]], float]:
-        thread = queue_later(commands, "d2", 0.1)
-        started = time.monotonic()
-        items = await commands.wait_for_commands("d1", 1.2)
-        elapsed = time.monotonic() - started
-        await asyncio.to_thread(thread.join)
-        return items, elapsed
-
-    items, elapsed = asyncio.run(poll())
+    items, elapsed = poll_while_queueing(commands, commands, queue_for="d2", after=0.1,
+                                         wait=1.2)
     assert items == [] and elapsed >= 1.2
     assert commands.waiting() == 0
     # wait 0 answers at once with what is due.

@@ -433,7 +433,10 @@ def test_v5_disconnect_with_will_message(server: ServerThread) -> None:
     assert monitor.expect(c.Publish).payload == b"w"
 
 
-def test_will_delay_and_reconnect_cancel(make_server: Callable[..., ServerThread]) -> None:
+def gone_with_a_delayed_will(make_server: Callable[..., ServerThread]
+                             ) -> tuple[ServerThread, FrozenClock, RawClient, c.Will]:
+    """A monitor watching events; device d1 dropped off (no DISCONNECT) with a persistent
+    session and a will delayed by 30 s."""
     clock = frozen()
     server = make_server(clock=clock)
     monitor = connected(server, "monitor")
@@ -443,6 +446,11 @@ def test_will_delay_and_reconnect_cancel(make_server: Callable[..., ServerThread
     device = connected(server, "d1", will=will, properties=expiry(300))
     device.close()
     wait_until(lambda: server.stats().connections == 1, what="close seen")
+    return server, clock, monitor, will
+
+
+def test_will_delay_and_reconnect_cancel(make_server: Callable[..., ServerThread]) -> None:
+    server, clock, monitor, will = gone_with_a_delayed_will(make_server)
     clock.advance(dt.timedelta(seconds=20))
     back = RawClient(server, "d1")
     assert back.connect("d1", clean_start=False, properties=expiry(300),
@@ -461,15 +469,7 @@ def test_delayed_will_of_a_device_revoked_meanwhile_is_not_published(
         make_server: Callable[..., ServerThread]) -> None:
     """The device dropped off with a Will Delay; the operator then revoked it. When the
     delay ends the gate is asked again and the will is dropped (and audited)."""
-    clock = frozen()
-    server = make_server(clock=clock)
-    monitor = connected(server, "monitor")
-    subscribe(monitor, "devices/+/events/#", 0)
-    will = c.Will("devices/d1/events/offline", b"late",
-                  properties=c.Properties(will_delay_interval=30))
-    device = connected(server, "d1", will=will, properties=expiry(300))
-    device.close()
-    wait_until(lambda: server.stats().connections == 1, what="close seen")
+    server, clock, monitor, _ = gone_with_a_delayed_will(make_server)
     server.gate.banned.add("d1")  # revoked while away
     clock.advance(dt.timedelta(seconds=40))
     server.deliver("devices/marker/events/x", b"marker", 0)

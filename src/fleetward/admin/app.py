@@ -26,7 +26,7 @@ from fleetward.clock import Clock
 from fleetward.enroll import BootstrapTokens, EnrollmentService, IssuedToken
 from fleetward.enroll.bootstrap import MAX_BATCH as MAX_CLAIM_BATCH
 from fleetward.enroll.factory import MAX_FACTORY_BATCH, FactoryService
-from fleetward.errors import ConfigurationError, Forbidden, InvalidInput
+from fleetward.errors import Forbidden, InvalidInput
 from fleetward.model import AuditEvent, DeviceType, Operator, Role, parse_serial, parse_state
 from fleetward.registry import Registry
 from fleetward.registry.device_commands import MAX_TTL_SECONDS as MAX_COMMAND_TTL_SECONDS
@@ -63,8 +63,8 @@ class AdminServices:
     executor: Executor  # one worker: serialises SQL writes and keeps them off the loop
     bootstrap: BootstrapTokens
     enrollment: EnrollmentService
-    policies: PolicyService | None = None
-    commands: DeviceCommandService | None = None
+    policies: PolicyService
+    commands: DeviceCommandService
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -448,20 +448,13 @@ async def factory_sign(request: web.Request, svc: AdminServices, op: Operator) -
 POLICY_YAML_TYPES = ("application/yaml", "application/x-yaml")
 
 
-def _policies(svc: AdminServices) -> PolicyService:
-    if svc.policies is None:
-        raise ConfigurationError("this server was built without the policy service",
-                                 hint="this is a wiring bug; check the server version")
-    return svc.policies
-
-
 async def list_policies(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
-    items = await svc.run(_policies(svc).list)
+    items = await svc.run(svc.policies.list)
     return _json({"items": [p.to_json(with_document=False) for p in items]})
 
 
 async def get_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
-    info = await svc.run(_policies(svc).get, request.match_info["name"])
+    info = await svc.run(svc.policies.get, request.match_info["name"])
     return _json(info.to_json())
 
 
@@ -477,13 +470,13 @@ async def put_policy(request: web.Request, svc: AdminServices, op: Operator) -> 
                            hint="send Content-Type: application/json or application/yaml")
     # Read raw: the policy parser refuses duplicate keys, which request.json() would hide.
     text = await request.read()
-    info = await svc.run(_policies(svc).put, request.match_info["name"], text, _actor(op),
+    info = await svc.run(svc.policies.put, request.match_info["name"], text, _actor(op),
                          fmt=fmt)
     return _json(info.to_json(), 201 if info.version == 1 else 200)
 
 
 async def delete_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
-    await svc.run(_policies(svc).delete, request.match_info["name"], _actor(op))
+    await svc.run(svc.policies.delete, request.match_info["name"], _actor(op))
     return web.Response(status=204)
 
 
@@ -501,14 +494,14 @@ async def attach_policy(request: web.Request, svc: AdminServices, op: Operator) 
     body = await read_json(request)
     kind, target = _attachment_target(body, '{"type": "sensor"} or {"device": "dev-1"}')
     name = request.match_info["name"]
-    created = await svc.run(_policies(svc).attach, name, kind, target, _actor(op))
+    created = await svc.run(svc.policies.attach, name, kind, target, _actor(op))
     return _json({"policy": name, "kind": kind, "target": target, "changed": created},
                  201 if created else 200)
 
 
 async def detach_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     kind, target = _attachment_target(dict(request.query), "?type=sensor or ?device=dev-1")
-    await svc.run(_policies(svc).detach, request.match_info["name"], kind, target, _actor(op))
+    await svc.run(svc.policies.detach, request.match_info["name"], kind, target, _actor(op))
     return web.Response(status=204)
 
 
@@ -518,19 +511,12 @@ async def explain_policy(request: web.Request, svc: AdminServices, op: Operator)
     serial = body.get("cert_serial")
     if serial is not None and not isinstance(serial, str):
         raise InvalidInput("cert_serial must be a hex string", hint='e.g. "cert_serial": "1a2b"')
-    result = await svc.run(_policies(svc).test, require_str(body, "device_id"),
+    result = await svc.run(svc.policies.test, require_str(body, "device_id"),
                            require_str(body, "action"), require_str(body, "resource"), serial)
     return _json(result)
 
 
 # --- device commands ----------------------------------------------------------------------
-
-
-def _commands(svc: AdminServices) -> DeviceCommandService:
-    if svc.commands is None:
-        raise ConfigurationError("this server was built without the command service",
-                                 hint="this is a wiring bug; check the server version")
-    return svc.commands
 
 
 async def queue_command(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
@@ -539,7 +525,7 @@ async def queue_command(request: web.Request, svc: AdminServices, op: Operator) 
     ttl = body.get("ttl_seconds")
     ttl_seconds = (None if ttl is None else
                    _body_int(body, "ttl_seconds", None, 1, MAX_COMMAND_TTL_SECONDS))
-    row = await svc.run(_commands(svc).queue, request.match_info["device_id"],
+    row = await svc.run(svc.commands.queue, request.match_info["device_id"],
                         require_str(body, "name"), body.get("payload", {}), ttl_seconds,
                         _actor(op))
     return _json(command_json(row), 201)
@@ -547,7 +533,7 @@ async def queue_command(request: web.Request, svc: AdminServices, op: Operator) 
 
 async def list_device_commands(request: web.Request, svc: AdminServices,
                                op: Operator) -> web.Response:
-    items = await svc.run(_commands(svc).list, request.match_info["device_id"],
+    items = await svc.run(svc.commands.list, request.match_info["device_id"],
                           _query_int(request, "limit", 100))
     return _json({"items": [command_json(r) for r in items]})
 
