@@ -139,7 +139,6 @@ class StorageError(FleetwardError):
 class SinkUnavailable(StorageError):
     """A message sink (SQL table, NATS JetStream) cannot accept a message now."""
 
-    status = 503
     problem_type = "sink-unavailable"
     default_hint = ("The message store is unavailable or overloaded; retry with backoff "
                     "(an MQTT QoS 1 publish is retried by the client).")

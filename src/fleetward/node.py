@@ -21,7 +21,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -464,8 +464,8 @@ class Node:
                     log.error("reading open commands failed", device_id=device_id,
                               error=repr(done.exception()))
                     return
-                for row in done.result():
-                    self._push_command(mqtt_server, device_id, device_command_json(row))
+                self._push_commands(mqtt_server, device_id,
+                                    [device_command_json(row) for row in done.result()])
             fetched.add_done_callback(push)
         hooks = ChannelHooks(ingest.accept_publish, self.audit_writer, self.clock,
                              self.settings.channel.refusal_audit_window_seconds,
@@ -481,7 +481,7 @@ class Node:
 
         def command_queued(device_id: str, command: dict[str, Any]) -> None:
             # Called on the committing (writer) thread; MQTT state lives on the loop.
-            loop.call_soon_threadsafe(self._push_command, mqtt_server, device_id, command)
+            loop.call_soon_threadsafe(self._push_commands, mqtt_server, device_id, [command])
         self.commands.add_listener(command_queued)
         try:
             await mqtt_server.start(listeners.host, listeners.mqtt_port)
@@ -543,18 +543,26 @@ class Node:
             nats = NatsSink(config.nats_url, config)
             await nats.start()
             sinks.append(nats)
-        if not sinks:
-            raise ConfigurationError("no message sink is configured",
-                                     hint="set [sinks] sql = true or nats_url")
+        # FanoutSink refuses an empty list with the configuration hint.
         return sinks[0] if len(sinks) == 1 else FanoutSink(sinks)
 
-    def _push_command(self, mqtt_server: MqttServer, device_id: str,
-                      command: dict[str, Any]) -> None:
-        """Deliver a newly queued command to the device's MQTT session, if it has one
-        subscribed (on the loop); long-polling HTTPS devices are woken by the service."""
-        topic = f"devices/{device_id}/commands/{command['name']}"
-        if mqtt_server.deliver(topic, json.dumps(command).encode(), qos=1):
-            self.executor.submit(self.commands.mark_delivered, [command["id"]])
+    def _push_commands(self, mqtt_server: MqttServer, device_id: str,
+                       commands: list[dict[str, Any]]) -> None:
+        """Deliver commands to the device's MQTT session, if it has one subscribed (on
+        the loop), and record the deliveries in one transaction; long-polling HTTPS
+        devices are woken by the command service instead."""
+        delivered = [command["id"] for command in commands
+                     if mqtt_server.deliver(f"devices/{device_id}/commands/{command['name']}",
+                                            json.dumps(command).encode(), qos=1)]
+        if not delivered:
+            return
+
+        def recorded(done: Future[int]) -> None:
+            if done.exception() is not None:
+                log.error("recording command deliveries failed", device_id=device_id,
+                          commands=delivered, error=repr(done.exception()))
+        self.executor.submit(self.commands.mark_delivered, delivered).add_done_callback(
+            recorded)
 
     async def _watch_control_plane(self, stop: asyncio.Event, gate: TrustGate) -> None:
         """Apply control-plane changes (from any node) to the caches and live connections.

@@ -239,6 +239,22 @@ def test_delivery_is_recorded_once_and_unanswered_commands_are_offered_again(
     assert commands.get(row.id).delivered_at == delivered_at
 
 
+def test_a_redelivered_command_waits_out_the_delay_again(stack: Stack) -> None:
+    """delivered_at keeps the first delivery: the re-offer must count from the last
+    hand-out, or an unanswered command would come back on every poll at once."""
+    stack.add_device("d1")
+    commands = service(stack)
+    row = commands.queue("d1", "reboot", {}, None, "operator:alice")
+    commands.mark_delivered([row.id])
+    for _ in range(3):
+        stack.clock.advance(dt.timedelta(seconds=REDELIVER_AFTER_SECONDS - 1))
+        assert commands.due_for_poll("d1") == [], "re-offered before the delay"
+        stack.clock.advance(dt.timedelta(seconds=1))
+        assert [r.id for r in commands.due_for_poll("d1")] == [row.id]
+        commands.mark_delivered([row.id])  # handed out again
+        assert commands.due_for_poll("d1") == [], "re-offered in a tight loop"
+
+
 def test_listeners_hear_of_each_queued_command_after_commit(stack: Stack) -> None:
     stack.add_device("d1")
     commands = service(stack)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -44,7 +43,7 @@ from fleetward.edge.channel import (
 from fleetward.errors import Forbidden, InvalidInput, PayloadTooLarge
 from fleetward.model import format_serial
 from fleetward.registry.device_commands import DeviceCommandService, command_json
-from fleetward.web.problem import problem_response, reject_unknown_fields
+from fleetward.web.problem import parse_json, problem_response, reject_unknown_fields
 
 log = structlog.get_logger("fleetward.device_api")
 
@@ -226,10 +225,9 @@ def _guarded(api: DeviceApi, connections: DeviceConnections,
                     "ask the operator to allow this route in the device's policy "
                     "(fleetward policy test ID http:" + request.method.upper() + " "
                     + resource[:200] + ")")
-            return problem_response(403, {
-                "type": PROBLEM_BASE + "not-authorized", "title": "Not authorized",
-                "status": 403, "detail": decision.reason, "hint": hint,
-                "instance": request.path})
+            # The same problem type as every other policy denial (per message type,
+            # command fetch, EST re-enrollment): one cause, one type for the device.
+            raise Forbidden(decision.reason, hint=hint)
         return await handler(request, api, verdict)
     return handle
 
@@ -366,15 +364,7 @@ async def _json_body(request: web.Request, limit: int) -> Any:
     raw = await request.read()  # aiohttp's client_max_size bounds chunked bodies
     if len(raw) > limit:
         raise too_large
-    try:
-        return json.loads(raw)
-    except UnicodeDecodeError:
-        raise InvalidInput("the body is not UTF-8", hint="encode JSON as UTF-8 "
-                                                         "(RFC 8259 §8.1)") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                           f"column {exc.colno}",
-                           hint="check the JSON, e.g. with `python -m json.tool`") from None
+    return parse_json(raw)
 
 
 def _wait_seconds(request: web.Request, maximum: int) -> int:

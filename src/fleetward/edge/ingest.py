@@ -133,7 +133,8 @@ class Ingest:
 
     async def check_publish(self, admission: Admission, topic: str, payload: bytes,
                             qos: int, retain: bool) -> Rejection | None:
-        """:meth:`accept_publish` with the refusal's reason, for an MQTT 5 Reason String.
+        """:meth:`accept_publish` with the refusal's reason. The reason is logged; the
+        MQTT hook passes on only the code (no Reason String in the PUBACK yet).
 
         ``qos`` and ``retain`` do not change what is stored: retained messages are the
         broker's business, and a QoS 0 record is stored like any other.

@@ -57,6 +57,9 @@ POLL_DB_RECHECK_SECONDS = 1.0
 # Long-polls one device may hold open at once (on this node). Each re-reads the database
 # every second, so a device opening connection after connection must not multiply that.
 MAX_POLLS_PER_DEVICE = 4
+# Hand-out times remembered for re-offering (see due_for_poll); beyond this many the
+# memory starts afresh, which at worst re-offers a command once early.
+OFFERED_MEMORY = 100_000
 _CLOSED_STATES = (LifecycleState.COMPROMISED, LifecycleState.RETIRED)
 
 
@@ -102,6 +105,10 @@ class DeviceCommandService:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[int]] = {}
         self._waiter_objects: dict[int, _Waiter] = {}
+        # command id -> when this node last handed it out. ``delivered_at`` keeps the
+        # first delivery, so without this an unanswered command past the redelivery
+        # delay would come back on every poll, in a tight loop, until answered.
+        self._offered: dict[str, dt.datetime] = {}
 
     # --- listeners ------------------------------------------------------------------------
 
@@ -217,17 +224,30 @@ class DeviceCommandService:
         now = self.clock.now()
         redeliver_before = now - dt.timedelta(seconds=REDELIVER_AFTER_SECONDS)
         with self.db.read() as conn:
-            return [r for r in rows.pending_for(conn, device_id, now)
-                    if r.status == rows.PENDING
-                    or (r.delivered_at is not None and r.delivered_at <= redeliver_before)]
+            open_rows = rows.pending_for(conn, device_id, now)
+        due: builtins.list[CommandRow] = []
+        for row in open_rows:
+            if row.status == rows.PENDING:
+                due.append(row)
+                continue
+            offered = max(filter(None, (row.delivered_at, self._offered.get(row.id))),
+                          default=None)
+            if offered is not None and offered <= redeliver_before:
+                due.append(row)
+        return due
 
     def mark_delivered(self, ids: builtins.list[str]) -> int:
         """Record that these commands were handed to their device; returns how many were
         pending (redeliveries keep their first delivery time)."""
         if not ids:
             return 0
+        now = self.clock.now()
         with self.db.transaction() as conn:
-            return rows.mark_delivered(conn, ids, self.clock.now())
+            changed = rows.mark_delivered(conn, ids, now)
+        if len(self._offered) + len(ids) > OFFERED_MEMORY:
+            self._offered.clear()
+        self._offered.update(dict.fromkeys(ids, now))
+        return changed
 
     def complete(self, device_id: str, command_id: str, status: str,
                  result: Any) -> CommandRow:
@@ -278,8 +298,8 @@ class DeviceCommandService:
             raise NotFound(f"no command {command_id[:80]!r} for this device")
         return row
 
-    async def wait_for_commands(self, device_id: str, timeout_s: float,
-                                executor: Executor | None = None) -> builtins.list[dict[str, Any]]:
+    async def wait_for_commands(self, device_id: str,
+                                timeout_s: float) -> builtins.list[dict[str, Any]]:
         """Long-poll: the commands due for ``device_id`` (device JSON) as soon as there
         are any, or ``[]`` after ``timeout_s``. Wakes at once for a command queued in
         this process and re-reads the database every ``POLL_DB_RECHECK_SECONDS`` for
@@ -289,7 +309,6 @@ class DeviceCommandService:
             TooManyRequests: the device already holds ``MAX_POLLS_PER_DEVICE`` polls.
         """
         loop = asyncio.get_running_loop()
-        run_on = executor or self.executor
         waiter = _Waiter(loop, asyncio.Event())
         key = self._add_waiter(device_id, waiter)  # before the first read: no lost wake-up
         if key is None:
@@ -302,7 +321,8 @@ class DeviceCommandService:
             while True:
                 # Cleared before the read: a wake-up during the read is kept, not lost.
                 waiter.event.clear()
-                due = await loop.run_in_executor(run_on, partial(self.due_for_poll, device_id))
+                due = await loop.run_in_executor(self.executor,
+                                                 partial(self.due_for_poll, device_id))
                 if due:
                     return [device_command_json(r) for r in due]
                 remaining = deadline - time.monotonic()

@@ -48,6 +48,23 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             "hint": "retry later; the server log has the details", "instance": request.path})
 
 
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON (RFC 8259: UTF-8).
+
+    Raises:
+        InvalidInput: not UTF-8, or not valid JSON (with line and column).
+    """
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not UTF-8",
+                           hint="encode JSON as UTF-8 (RFC 8259 §8.1)") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno}",
+                           hint="check the JSON, e.g. with `python -m json.tool`") from None
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The JSON object body of ``request``.
 
@@ -57,11 +74,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise InvalidInput(f"expected application/json, got {request.content_type or 'nothing'}",
                            hint="send a JSON object with Content-Type: application/json")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}",
-                           hint="send a JSON object") from None
+    body = parse_json(await request.read())
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object", hint='e.g. {"id": "dev-1"}')
     return body
