@@ -363,6 +363,11 @@ class Node:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetward-db")
         self.public_executor = ThreadPoolExecutor(max_workers=2,
                                                   thread_name_prefix="fleetward-public")
+        # The control-plane change feed has a thread of its own: revocations must reach
+        # live connections within a second however busy OCSP, CRL and long-polls keep
+        # the read pool.
+        self.feed_executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="fleetward-feed")
         # Long-poll re-reads use the read pool, never queueing behind the writer thread.
         self.commands = DeviceCommandService(self.db, self.audit, self.clock,
                                              settings.device_api, self.public_executor)
@@ -531,6 +536,7 @@ class Node:
                 await runner.cleanup()
             self.executor.shutdown(wait=True)
             self.public_executor.shutdown(wait=True)
+            self.feed_executor.shutdown(wait=True)
             self.db.dispose()
 
     async def _message_sink(self) -> MessageSink:
@@ -588,7 +594,7 @@ class Node:
         try:
             while not stop.is_set():
                 try:
-                    await loop.run_in_executor(self.public_executor, gate.poll_and_schedule,
+                    await loop.run_in_executor(self.feed_executor, gate.poll_and_schedule,
                                                schedule)
                     gate.close_expired()
                 except FleetwardError as exc:
