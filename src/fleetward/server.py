@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
+from fleetward.cli.common import fail
 from fleetward.cli.main import app as cli_app
-from fleetward.cli.main import fail
 from fleetward.config import (
     IMPORT_PASSPHRASE_ENV,
     PIN_ENV,

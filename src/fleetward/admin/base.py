@@ -1,0 +1,133 @@
+"""What every admin resource module shares: the services, the route record, helpers.
+
+A resource module (``devices``, ``policies``, ...) declares its handlers and a ``ROUTES``
+tuple; ``fleetward.admin.app`` concatenates them into the one table that serves the API
+and generates the OpenAPI document. Nothing here imports a resource module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from fleetward.admin.auth import OperatorTokens
+from fleetward.audit import AuditLog
+from fleetward.ca import Authority
+from fleetward.clock import Clock
+from fleetward.enroll import BootstrapTokens, EnrollmentService
+from fleetward.errors import InvalidInput
+from fleetward.model import Operator, Role
+from fleetward.registry import Registry
+from fleetward.registry.device_commands import DeviceCommandService
+from fleetward.registry.policies import PolicyService
+from fleetward.store import Database
+
+T = TypeVar("T")
+MAX_BODY_BYTES = 1024 * 1024  # bytes; a CSR is ~1 KiB, an OEM CA certificate ~2 KiB
+DEFAULT_TOKEN_TTL_HOURS = 72  # a device is usually installed within days of its token
+MAX_TOKEN_TTL_HOURS = 24 * 90  # hours; BootstrapTokens allows at most 90 days
+OPERATOR_KEY = web.AppKey("operator", Operator)
+SERVICES_KEY: web.AppKey[AdminServices] = web.AppKey("services")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminServices:
+    db: Database
+    registry: Registry
+    tokens: OperatorTokens
+    authority: Authority
+    audit: AuditLog
+    clock: Clock
+    executor: Executor  # one worker: serialises SQL writes and keeps them off the loop
+    bootstrap: BootstrapTokens
+    enrollment: EnrollmentService
+    policies: PolicyService
+    commands: DeviceCommandService
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+
+Handler = Callable[[web.Request, AdminServices, Operator], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    role: Role | None  # None: public (health, OpenAPI document)
+    handler: Callable[..., Awaitable[web.StreamResponse]]
+    summary: str
+    body: dict[str, Any] | None = None  # JSON Schema of the request body
+    query: tuple[str, ...] = ()
+
+
+def actor(op: Operator) -> str:
+    return f"operator:{op.name}"
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def body_int(body: dict[str, Any], key: str, default: int | None, low: int, high: int) -> int:
+    """An integer field in ``low..high``; ``default`` None makes it required."""
+    example = f'e.g. {{"{key}": {default if default is not None else low}}}'
+    value = body.get(key, default)
+    if value is None:
+        raise InvalidInput(f"missing field {key!r}", hint=example)
+    # bool is an int in Python; JSON true must not mean 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"field {key!r} must be an integer", hint=example)
+    if not low <= value <= high:
+        raise InvalidInput(f"field {key!r} must be between {low} and {high}", hint=example)
+    return value
+
+
+def body_bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"field {key!r} must be true or false",
+                           hint=f'e.g. {{"{key}": true}}')
+    return value
+
+
+def str_list(body: dict[str, Any], key: str, example: str) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"{key} must be a list of strings", hint=f"e.g. {example}")
+    return value
+
+
+def query_int(request: web.Request, key: str, default: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {key} must be an integer",
+                           hint=f"e.g. ?{key}={default}") from None
+
+
+def ttl(body: dict[str, Any], default_hours: int = DEFAULT_TOKEN_TTL_HOURS) -> dt.timedelta:
+    # The service enforces 1 minute .. 90 days; whole hours are what operators type.
+    return dt.timedelta(hours=body_int(body, "ttl_hours", default_hours, 1,
+                                       MAX_TOKEN_TTL_HOURS))
+
+
+# --- JSON Schema snippets shared by the route tables ------------------------------------
+
+STRING = {"type": "string"}
+TTL = {"type": "integer", "minimum": 1, "maximum": 24 * 90,
+       "description": "token lifetime in hours (default 72)"}

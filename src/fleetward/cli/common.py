@@ -1,0 +1,95 @@
+"""What every ``fleetward`` command group shares: the admin API options, errors, JSON
+and tables, progress bars and the checks of ids that become URL path segments.
+
+The output rules of every command live here once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fleetward.cli.client import AdminClient, resolve_connection
+from fleetward.errors import FleetwardError, InvalidInput
+from fleetward.model import validate_device_id
+
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="FLEETWARD_DATA_DIR",
+                                              help="data directory (on the server host)")]
+AdminUrl = Annotated[str | None, typer.Option("--admin-url", envvar="FLEETWARD_ADMIN_URL",
+                                              help="admin API URL, e.g. https://host:9443")]
+CaFile = Annotated[Path | None, typer.Option("--ca-file", envvar="FLEETWARD_ADMIN_CA",
+                                             help="CA chain that signed the admin API's cert")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+TtlHours = Annotated[int | None, typer.Option("--ttl-hours", min=1,
+                                              help="token lifetime in hours")]
+Reason = Annotated[str, typer.Option("--reason", help="why; goes into the audit log")]
+
+
+def fail(exc: FleetwardError, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def api(data_dir: Path | None, admin_url: str | None, ca_file: Path | None
+        ) -> Iterator[AdminClient]:
+    try:
+        client = AdminClient(resolve_connection(data_dir, admin_url, ca_file))
+    except FleetwardError as exc:
+        fail(exc)
+    try:
+        yield client
+    except FleetwardError as exc:
+        fail(exc)
+    finally:
+        client.close()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    out.print(table)
+
+
+def parse_labels(values: list[str] | None) -> dict[str, str]:
+    labels = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(InvalidInput(f"bad label {item!r}", hint="use --label key=value"))
+        labels[key] = value
+    return labels
+
+
+def device_path(device_id: str) -> str:
+    """A device id checked before it becomes a URL path segment."""
+    try:
+        return validate_device_id(device_id)
+    except InvalidInput as exc:
+        fail(exc)
+
+
+def progress() -> Progress:
+    # On stderr, and only on a terminal: stdout and logs keep just the summary.
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, disable=not err.is_terminal)
