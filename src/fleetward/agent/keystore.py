@@ -254,8 +254,11 @@ class Pkcs11Keystore:
         # Recorded first: a crash between here and the certificate must not leave a key
         # on the token that nothing refers to.
         self._save(pending_key_label=label)
+        # Sign-only like every Pkcs11Signer key, but left modifiable: CKA_ID is the hash of
+        # the public key, so it can only be set once the pair exists (and SoftHSM2 refuses
+        # to lock a key later or to make a non-copyable locked copy of it).
         signer = Pkcs11Signer.generate(module=self._module, token_label=self._token,
-                                       key_label=label, pin=self.pin())
+                                       key_label=label, pin=self.pin(), modifiable=True)
         self._set_key_id(signer, label)
         return signer.private_key
 

@@ -1,8 +1,9 @@
 """PKCS#11 signer (python-pkcs11): the CA key is generated on the token and stays there.
 
 The private key is created with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false (PKCS#11
-v2.40 §4.9), so neither Fleetward nor anyone with the PIN can read it out. Signing uses
-raw CKM_ECDSA over a digest computed here, which every token supports (SoftHSM2 included).
+v2.40 §4.9), so neither Fleetward nor anyone with the PIN can read it out, and it can only
+sign: every usage flag is spelled out (see ``PRIVATE_KEY_TEMPLATE``). Signing uses raw
+CKM_ECDSA over a digest computed here, which every token supports (SoftHSM2 included).
 """
 
 from __future__ import annotations
@@ -21,12 +22,42 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_der_public_key,
 )
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from fleetward.errors import ConfigurationError, KeyUnavailable
 
 _CURVES: dict[str, ec.EllipticCurve] = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
+
+# A key pair that signs and verifies, nothing else. python-pkcs11 fills CKA_DECRYPT,
+# CKA_UNWRAP, CKA_SIGN, CKA_DERIVE (private) and CKA_ENCRYPT, CKA_WRAP, CKA_VERIFY (public)
+# from ``capabilities``, whose default for EC keys (pkcs11.defaults.DEFAULT_KEY_CAPABILITIES)
+# is SIGN | VERIFY | DERIVE: a CA key that could also do ECDH. So the capabilities are
+# given, and every usage flag is also set in the templates (PKCS#11 v2.40 §4.7-4.9).
+_SIGN_ONLY = MechanismFlag.SIGN | MechanismFlag.VERIFY
+PRIVATE_KEY_TEMPLATE: dict[Attribute, bool] = {
+    Attribute.SIGN: True,
+    Attribute.SIGN_RECOVER: False,
+    Attribute.DECRYPT: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.PRIVATE: True,
+    Attribute.TOKEN: True,
+}
+PUBLIC_KEY_TEMPLATE: dict[Attribute, bool] = {
+    Attribute.VERIFY: True,
+    Attribute.VERIFY_RECOVER: False,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.DERIVE: False,
+    Attribute.TOKEN: True,
+}
+# Flags fixed for the key's life: C_SetAttributeValue is refused (CKR_ACTION_PROHIBITED on
+# SoftHSM2), and so is C_CopyObject, which could otherwise make a modifiable copy
+# (PKCS#11 v2.40 §4.4: CKA_MODIFIABLE may be changed while copying).
+LOCKED_TEMPLATE: dict[Attribute, bool] = {Attribute.MODIFIABLE: False, Attribute.COPYABLE: False}
 
 # PKCS#11 §5.4: C_Initialize once per process, and login state is shared by every
 # session of one application on a token, so one logged-in session per token is kept
@@ -152,9 +183,20 @@ class Pkcs11Signer:
 
     @classmethod
     def generate(
-        cls, *, module: str, token_label: str, key_label: str, pin: str, curve: str = "secp256r1"
+        cls,
+        *,
+        module: str,
+        token_label: str,
+        key_label: str,
+        pin: str,
+        curve: str = "secp256r1",
+        modifiable: bool = False,
     ) -> Pkcs11Signer:
-        """Generate a non-extractable EC key pair on the token.
+        """Generate a non-extractable, sign-only EC key pair on the token.
+
+        With ``modifiable=False`` (the default, e.g. CA keys) no attribute of either object
+        can be changed or copied later. ``modifiable=True`` is for a caller that must still
+        set an attribute the key's value decides (the agent keystore's CKA_ID).
 
         Raises:
             ConfigurationError: a key with that label already exists, or the curve is unknown.
@@ -177,17 +219,13 @@ class Pkcs11Signer:
         params = session.create_domain_parameters(
             KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True
         )
+        locked = {} if modifiable else LOCKED_TEMPLATE
         public, private = params.generate_keypair(
             store=True,
             label=key_label,
-            public_template={Attribute.VERIFY: True},
-            private_template={
-                Attribute.SIGN: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.PRIVATE: True,
-                Attribute.TOKEN: True,
-            },
+            capabilities=_SIGN_ONLY,
+            public_template={**PUBLIC_KEY_TEMPLATE, **locked},
+            private_template={**PRIVATE_KEY_TEMPLATE, **locked},
         )
         ref = {
             "backend": "pkcs11",
