@@ -304,3 +304,55 @@ def test_compile_matches_the_gate_protocol_for_quarantine(service: PolicyService
     # Negative control: the default policy, compiled for the same device, lets it connect.
     assert compile_policies([DEFAULT_POLICY], Vars("d1", "sensor", "acme")).decide(
         "mqtt:connect", "d1").allowed
+
+
+# --- what attach/detach report: the effective set and mqtt:connect warnings -----------------
+
+
+def test_effective_follows_the_data_planes_rule_and_warns_on_lost_connect(
+        service: PolicyService, stack: Stack) -> None:
+    assert service.effective("type", "sensor").to_json()["implicit_default"] is True
+    service.put("own-tree", OWN_TREE, ACTOR)  # mqtt:* on devices/<id>/#: no connect
+    service.attach("own-tree", "type", "sensor", ACTOR)
+    for kind, target in (("type", "sensor"), ("device", "d1")):
+        effective = service.effective(kind, target)
+        assert (effective.policies, effective.mqtt_connect) == (("own-tree",), False)
+        [warning] = effective.warnings
+        assert warning.code == "mqtt-connect-denied" and "no statement in own-tree" in (
+            warning.message)
+    # ${device.id} counts as satisfiable for a type, and a device's own policy comes first
+    service.put("connect", {"statements": [{"effect": "allow", "actions": ["mqtt:connect"],
+                                            "resources": ["${device.id}"]}]}, ACTOR)
+    service.attach("connect", "device", "d1", ACTOR)
+    own = service.effective("device", "d1")
+    assert (own.policies, own.device_policies, own.type_policies) == (
+        ("connect", "own-tree"), ("connect",), ("own-tree",))
+    assert own.mqtt_connect and own.warnings == ()
+    assert service.effective("type", "sensor").warnings != ()  # d1's policy is d1's only
+    stack.registry.change_state("d1", LifecycleState.QUARANTINED, "operator:test")
+    assert service.effective("device", "d1").quarantined is True
+
+
+def test_effective_names_a_policy_that_no_longer_validates(service: PolicyService,
+                                                           stack: Stack) -> None:
+    service.put("own-tree", OWN_TREE, ACTOR)
+    service.attach("own-tree", "device", "d2", ACTOR)
+    service.attach("default", "device", "d2", ACTOR)
+    assert service.effective("device", "d2").warnings == ()  # negative control
+    with stack.db.transaction() as conn:
+        conn.execute(update(policies_table).where(policies_table.c.name == "own-tree")
+                     .values(document={"statements": [{"effect": "allow",
+                                                       "actions": ["mqtt:teleport"],
+                                                       "resources": ["#"]}]}))
+    [warning] = service.effective("device", "d2").warnings
+    assert "policy 'own-tree' cannot be read" in warning.message
+    assert "fleetward policy get own-tree" in warning.hint
+
+
+@pytest.mark.parametrize(("kind", "target", "error"), [
+    ("type", "no-such-type", NotFound), ("device", "ghost", NotFound),
+    ("tenant", "acme", InvalidInput)])
+def test_effective_refusals(service: PolicyService, kind: str, target: str,
+                            error: type[Exception]) -> None:
+    with pytest.raises(error):
+        service.effective(kind, target)

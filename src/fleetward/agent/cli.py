@@ -18,21 +18,27 @@ one-off tests only; use ``--token-file`` or ``FLEETWARD_BOOTSTRAP_TOKEN``.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import structlog
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.models import CommandFunctionType
 
+from fleetward import __version__
 from fleetward.agent.enroll import EnrollOptions, Pkcs11Options, enroll
 from fleetward.agent.errors import EnrollmentPending
 from fleetward.agent.est_client import parse_fingerprint
@@ -53,17 +59,64 @@ TOKEN_ENV = "FLEETWARD_BOOTSTRAP_TOKEN"
 EXIT_ERROR = 1
 EXIT_PENDING = 3  # enrollment accepted, waiting for an operator: run the command again
 
-app = typer.Typer(help="Fleetward device agent: enroll, keep the device certificate "
-                       "fresh, send telemetry and answer commands over MQTT or HTTPS.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-# soft_wrap: a message is one line in a log or a pipe, not cut at 80 columns
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Typer's Rich help prints a value type after every option, so a flag read
+    ``--force <bool>`` as if it took a value; an empty metavar prints none. (The admin
+    CLI has the same in ``fleetward.cli.common``; the agent imports none of it.)"""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _App(typer.Typer):
+    def command(self, name: str | None = None, **kwargs: Any
+                ) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        kwargs.setdefault("cls", _Command)
+        return super().command(name, **kwargs)
+
+
+app = _App(help="Fleetward device agent: enroll, keep the device certificate fresh, send "
+                "telemetry and answer commands over MQTT or HTTPS.",
+           no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group)
+# soft_wrap: a message is one line in a log or a pipe, not cut at 80 columns.
+# emoji=False: Rich would print the fingerprint "3B:AB:C7" as "3B🆎C7".
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
+
+
+def parse_fraction(value: str | float) -> float:
+    """``--renew-fraction`` as a decimal (0.66) or a ratio (2/3, as the help shows the
+    default).
+
+    Raises:
+        typer.BadParameter: neither.
+    """
+    if isinstance(value, float):
+        return value
+    try:
+        return float(fractions.Fraction(value.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise typer.BadParameter(f"{value!r} is not a fraction such as 0.66 or 2/3") from None
+
 
 StateDir = Annotated[Path, typer.Option("--state-dir", envvar="FLEETWARD_AGENT_STATE_DIR",
                                         help="the agent's state directory (created 0700)")]
 Fraction = Annotated[float, typer.Option(
-    "--renew-fraction", help="renew after this fraction of the certificate lifetime")]
+    "--renew-fraction", parser=parse_fraction, metavar="<fraction>", show_default="2/3",
+    help="renew after this fraction of the certificate lifetime, e.g. 0.75 or 3/4")]
 
 
 def fail(exc: FleetwardError) -> NoReturn:
@@ -108,8 +161,16 @@ def read_token(token: str | None, token_file: Path | None) -> str:
                             "the operator creates one with the admin API or CLI")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"fleetward {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_by_default() -> None:
+def _quiet_by_default(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="print the version and exit")] = False) -> None:
     # One-shot commands report on stdout themselves; their logs only matter when
     # something needs attention. `run` raises the level to info.
     configure_logging(logging.WARNING)
@@ -152,9 +213,10 @@ def enroll_command(
         cert = enroll(options)
     except FleetwardError as exc:
         fail(exc)
-    out.print(f"device [bold]{device_id}[/] enrolled: certificate "
+    out.print(f"device [bold]{escape(device_id)}[/] enrolled: certificate "
               f"{format(cert.serial_number, 'x')}, valid until "
-              f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; state in {state_dir}")
+              f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; state in "
+              f"{escape(str(state_dir))}")
 
 
 def _pkcs11_options(module: str | None, token_label: str | None,
@@ -288,14 +350,14 @@ def status_command(state_dir: StateDir,
         fail(exc)
     table = Table(title="fleetward-agent", show_header=False)
     table.add_column("field")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")  # serials are copied: fold, never "…"
     for name, value in (("device id", status.device_id), ("server", status.server_url),
                         ("keystore", status.keystore), ("serial", status.serial),
                         ("not before", f"{status.not_before:%Y-%m-%d %H:%M:%S} UTC"),
                         ("not after", f"{status.not_after:%Y-%m-%d %H:%M:%S} UTC"),
                         ("next renewal", f"{status.next_renewal:%Y-%m-%d %H:%M:%S} UTC"),
                         ("state", status.state)):
-        table.add_row(name, value)
+        table.add_row(name, Text(value))  # a value is never markup
     out.print(table)
 
 

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fleetward.cli.common import (
     AdminUrl,
+    App,
     CaFile,
     DataDir,
     JsonFlag,
@@ -21,7 +23,7 @@ from fleetward.cli.common import (
 from fleetward.crypto.x509util import load_certificate, to_pem
 from fleetward.errors import InvalidInput
 
-app = typer.Typer(help="Certificate authorities.", no_args_is_help=True)
+app = App(help="Certificate authorities.", no_args_is_help=True)
 
 
 @app.command("show")
@@ -39,7 +41,7 @@ def ca_show(as_json: JsonFlag = False, data_dir: DataDir = None, admin_url: Admi
           [[c["name"], c["kind"], c["subject"],
             f"{c['key_backend'] or '-'}{' (online)' if c['key_online'] else ''}",
             c["not_after"], c["crl_number"], c["device_type"],
-            _approval_label(c.get("require_approval")), c["fingerprint_sha256"][:16] + "…"]
+            _approval_label(c.get("require_approval")), c["fingerprint_sha256"]]
            for c in items])
 
 
@@ -72,5 +74,5 @@ def ca_add_oem(name: str,
                                          "require_approval": require_approval})
     approval = ("; new devices wait for approval (fleetward enroll pending)"
                 if row["require_approval"] else "")
-    out.print(f"OEM CA [bold]{row['name']}[/] registered for type {row['device_type']}"
-              f"{approval}")
+    out.print(f"OEM CA [bold]{escape(row['name'])}[/] registered for type "
+              f"{escape(row['device_type'])}{approval}")

@@ -9,21 +9,25 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from fleetward.cli.common import (
     AdminUrl,
+    App,
     CaFile,
     DataDir,
     JsonFlag,
     api,
+    device_path,
     fail,
     out,
     print_json,
     table,
 )
 from fleetward.errors import InvalidInput
+from fleetward.model import parse_serial, validate_device_id
 
-app = typer.Typer(help="Issue, list and revoke certificates.", no_args_is_help=True)
+app = App(help="Issue, list and revoke certificates.", no_args_is_help=True)
 
 
 def print_certs(certs: list[dict[str, Any]]) -> None:
@@ -54,7 +58,8 @@ def cert_issue(device: Annotated[str, typer.Option("--device", help="device id")
                                                  exists=True, dir_okay=False)],
                out_file: Annotated[Path, typer.Option("--out", help="where to write the PEM")],
                profile: str = "device",
-               chain: Annotated[bool, typer.Option(help="append the CA chain to --out")] = False,
+               chain: Annotated[bool, typer.Option(
+                   "--chain", help="append the CA chain to --out")] = False,
                data_dir: DataDir = None, admin_url: AdminUrl = None,
                ca_file: CaFile = None) -> None:
     """Issue a certificate for a registered device from its CSR (PEM or DER)."""
@@ -64,7 +69,7 @@ def cert_issue(device: Annotated[str, typer.Option("--device", help="device id")
         fail(InvalidInput(f"cannot write the certificate to {out_file}",
                           hint="pass --out with a file path in a writable directory"))
     with api(data_dir, admin_url, ca_file) as client:
-        record = client.post(f"/v1/devices/{device}/certificates",
+        record = client.post(f"/v1/devices/{device_path(device)}/certificates",
                              {"csr": csr_pem, "profile": profile})
     pem = record["pem"] + (record["chain_pem"] if chain else "")
     try:
@@ -74,8 +79,8 @@ def cert_issue(device: Annotated[str, typer.Option("--device", help="device id")
         sys.stdout.write(pem)
         fail(InvalidInput(f"issued serial {record['serial']} but could not write {out_file}: "
                           f"{exc.strerror}", hint="the certificate was printed above instead"))
-    out.print(f"issued serial [bold]{record['serial']}[/] to {device}, valid until "
-              f"{record['not_after']} → {out_file}")
+    out.print(f"issued serial [bold]{escape(record['serial'])}[/] to {escape(device)}, valid "
+              f"until {escape(record['not_after'])} → {escape(str(out_file))}")
 
 
 @app.command("revoke")
@@ -90,14 +95,21 @@ def cert_revoke(serial: Annotated[str | None, typer.Argument(help="serial in hex
     if (serial is None) == (device is None):
         fail(InvalidInput("give either a SERIAL or --device ID",
                           hint="fleetward cert revoke 1a2b… or fleetward cert revoke --device d1"))
+    # Both are checked before they become a URL path segment ("../operators/…").
+    try:
+        serial_hex = None if serial is None else format(parse_serial(serial), "x")
+        device_id = None if device is None else validate_device_id(device)
+    except InvalidInput as exc:
+        fail(exc)
     with api(data_dir, admin_url, ca_file) as client:
-        if serial is not None:
-            record = client.post(f"/v1/certificates/{serial}/revoke", {"reason": reason})
-            out.print(f"revoked {record['serial']} ({record['revocation_reason']})")
+        if serial_hex is not None:
+            record = client.post(f"/v1/certificates/{serial_hex}/revoke", {"reason": reason})
+            out.print(f"revoked {record['serial']} ({record['revocation_reason']})",
+                      markup=False)
         else:
-            items = client.post(f"/v1/devices/{device}/revoke-certificates",
+            items = client.post(f"/v1/devices/{device_id}/revoke-certificates",
                                 {"reason": reason})["items"]
-            out.print(f"revoked {len(items)} certificate(s) of {device}")
+            out.print(f"revoked {len(items)} certificate(s) of {device}", markup=False)
 
 
 @app.command("list")
@@ -106,7 +118,7 @@ def cert_list(device: Annotated[str, typer.Option("--device", help="device id")]
               admin_url: AdminUrl = None, ca_file: CaFile = None) -> None:
     """List a device's certificates."""
     with api(data_dir, admin_url, ca_file) as client:
-        certs = client.get(f"/v1/devices/{device}/certificates")["items"]
+        certs = client.get(f"/v1/devices/{device_path(device)}/certificates")["items"]
     if as_json:
         print_json(certs)
     else:

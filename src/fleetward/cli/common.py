@@ -1,29 +1,43 @@
 """What every ``fleetward`` command group shares: the admin API options, errors, JSON
 and tables, progress bars and the checks of ids that become URL path segments.
 
-The output rules of every command live here once.
+The output rules of every command live here once:
+
+* dynamic values (ids, names, reasons, fingerprints, subjects) never reach Rich as markup:
+  they are escaped (``escape``) or printed as ``Text``; table cells are always ``Text``;
+* no emoji codes: Rich would print the fingerprint ``3B:AB:C7`` as ``3B🆎C7``;
+* nothing people copy is cut: status lines soft-wrap (one line in a log or a pipe) and
+  table columns fold instead of ending in "…";
+* stdout holds the result (a secret, an id, JSON); notes and warnings go to stderr;
+* flags show no value placeholder in ``--help`` (``App``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.models import CommandFunctionType
 
 from fleetward.cli.client import AdminClient, resolve_connection
 from fleetward.errors import FleetwardError, InvalidInput
 from fleetward.model import validate_device_id
 
-out = Console()
-err = Console(stderr=True)
+# emoji=False: ':ab:' inside a fingerprint is not an emoji code. soft_wrap: a status
+# line stays one line, never broken inside a serial or a path.
+out = Console(emoji=False, soft_wrap=True)
+err = Console(stderr=True, emoji=False, soft_wrap=True)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="FLEETWARD_DATA_DIR",
                                               help="data directory (on the server host)")]
@@ -35,12 +49,54 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a 
 TtlHours = Annotated[int | None, typer.Option("--ttl-hours", min=1,
                                               help="token lifetime in hours")]
 Reason = Annotated[str, typer.Option("--reason", help="why; goes into the audit log")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q",
+                                     help="print only the result on stdout, nothing on stderr")]
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Typer's Rich help prints a value type after every option, so a flag read
+    ``--json <bool>`` as if it took a value; an empty metavar prints none."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class App(typer.Typer):
+    """``typer.Typer`` whose commands and groups show flags without a value type
+    (``--json``, not ``--json <bool>``), ``--help`` and ``--version`` included."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("cls", _Group)
+        super().__init__(**kwargs)
+
+    def command(self, name: str | None = None, **kwargs: Any
+                ) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        kwargs.setdefault("cls", _Command)
+        return super().command(name, **kwargs)
 
 
 def fail(exc: FleetwardError, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-    err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+    err.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
     raise typer.Exit(code)
+
+
+def warn(message: str, hint: str = "") -> None:
+    """A ``warning:`` line (and a ``hint:``) on stderr; both are data, never markup."""
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False)
+    if hint:
+        err.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False)
 
 
 @contextmanager
@@ -63,11 +119,14 @@ def print_json(data: Any) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
+    """Cells are ``Text``, never markup (a device named "[bold]" stays "[bold]"), and
+    fold onto the next line rather than end in "…": serials, fingerprints, ids and topics
+    are copied from here."""
+    table = Table(title=Text(title))
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
+        table.add_row(*[Text("" if v is None else str(v)) for v in row])
     out.print(table)
 
 

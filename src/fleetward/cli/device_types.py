@@ -5,10 +5,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from fleetward.cli.common import AdminUrl, CaFile, DataDir, JsonFlag, api, out, print_json, table
+from fleetward.cli.common import (
+    AdminUrl,
+    App,
+    CaFile,
+    DataDir,
+    JsonFlag,
+    api,
+    out,
+    print_json,
+    table,
+)
 
-app = typer.Typer(help="Device types.", no_args_is_help=True)
+app = App(help="Device types.", no_args_is_help=True)
 
 
 @app.command("add")
@@ -27,8 +38,8 @@ def type_add(name: str, description: str = "",
         body["enrollment_profiles"] = profile
     with api(data_dir, admin_url, ca_file) as client:
         created = client.post("/v1/device-types", body)
-    out.print(f"device type [bold]{name}[/] created (enrollment profiles: "
-              f"{', '.join(created['enrollment_profiles'])})")
+    out.print(f"device type [bold]{escape(name)}[/] created (enrollment profiles: "
+              f"{escape(', '.join(created['enrollment_profiles']))})")
 
 
 @app.command("list")

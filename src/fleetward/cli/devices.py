@@ -6,10 +6,12 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from fleetward.cli.certs import print_certs
 from fleetward.cli.common import (
     AdminUrl,
+    App,
     CaFile,
     DataDir,
     JsonFlag,
@@ -25,13 +27,15 @@ from fleetward.cli.common import (
 )
 from fleetward.errors import InvalidInput
 
-app = typer.Typer(help="Register devices and change their lifecycle state.",
-                  no_args_is_help=True)
+app = App(help="Register devices and change their lifecycle state.",
+          no_args_is_help=True)
 
 
 @app.command("add")
 def device_add(device_id: Annotated[str, typer.Argument(metavar="ID")],
-               type_name: Annotated[str, typer.Option("--type", help="device type")],
+               type_name: Annotated[str, typer.Option(
+                   "--type", help="device type (fleetward type list); without it, the "
+                                  "built-in type 'default'")] = "default",
                owner: Annotated[str, typer.Option(help="owner / tenant")] = "default",
                label: Annotated[list[str] | None, typer.Option(
                    help="key=value (repeatable)")] = None,
@@ -44,8 +48,8 @@ def device_add(device_id: Annotated[str, typer.Argument(metavar="ID")],
     if as_json:
         print_json(device)
     else:
-        out.print(f"device [bold]{device['id']}[/] registered (type {device['type']}, "
-                  f"owner {device['owner']})")
+        out.print(f"device [bold]{escape(device['id'])}[/] registered (type "
+                  f"{escape(device['type'])}, owner {escape(device['owner'])})")
 
 
 @app.command("list")
@@ -66,7 +70,7 @@ def device_list(state: str | None = None,
           [[d["id"], d["type"], d["owner"], d["state"], d["firmware_version"],
             d["last_seen_at"]] for d in page["items"]])
     if page["next"]:
-        out.print(f"more: --after {page['next']}")
+        out.print(f"more: --after {page['next']}", markup=False, highlight=False)
 
 
 @app.command("show")
@@ -75,8 +79,8 @@ def device_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
                 admin_url: AdminUrl = None, ca_file: CaFile = None) -> None:
     """Show one device and its certificates."""
     with api(data_dir, admin_url, ca_file) as client:
-        device = client.get(f"/v1/devices/{device_id}")
-        certs = client.get(f"/v1/devices/{device_id}/certificates")["items"]
+        device = client.get(f"/v1/devices/{device_path(device_id)}")
+        certs = client.get(f"/v1/devices/{device_path(device_id)}/certificates")["items"]
     if as_json:
         print_json({**device, "certificates": certs})
         return
@@ -113,9 +117,9 @@ def device_command(device_id: Annotated[str, typer.Argument(metavar="ID")],
     if as_json:
         print_json(command)
         return
-    out.print(command["id"], highlight=False)
-    err.print(f"queued [bold]{command['name']}[/] for {device_id}; expires "
-              f"{command['expires_at']}", highlight=False)
+    out.print(command["id"], markup=False, highlight=False)
+    err.print(f"queued [bold]{escape(command['name'])}[/] for {escape(device_id)}; expires "
+              f"{escape(command['expires_at'])}", highlight=False)
 
 
 @app.command("commands")
@@ -168,11 +172,12 @@ def _state_command(name: str, target: str, sources: list[str] | None, doc: str) 
             body: dict[str, Any] = {"state": target, "reason": reason}
             if sources is not None:
                 body["from"] = sources
-            result = client.post(f"/v1/devices/{device_id}/state", body)
-        out.print(f"device [bold]{device_id}[/]: {result['previous_state']} → "
+            result = client.post(f"/v1/devices/{device_path(device_id)}/state", body)
+        out.print(f"device [bold]{escape(device_id)}[/]: {result['previous_state']} → "
                   f"{result['device']['state']}")
         if result["revoked_certificates"]:
-            out.print(f"revoked certificates: {', '.join(result['revoked_certificates'])}")
+            out.print(f"revoked certificates: {', '.join(result['revoked_certificates'])}",
+                      markup=False)
     command.__doc__ = doc
     app.command(name)(command)
 

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from fleetward.cli.common import (
     AdminUrl,
+    App,
     CaFile,
     DataDir,
     JsonFlag,
@@ -19,8 +21,8 @@ from fleetward.cli.common import (
     table,
 )
 
-app = typer.Typer(help="Approve or reject enrollments with manufacturer certificates.",
-                  no_args_is_help=True)
+app = App(help="Approve or reject enrollments with manufacturer certificates.",
+          no_args_is_help=True)
 
 
 @app.command("pending")
@@ -56,8 +58,8 @@ def enroll_approve(device_id: Annotated[str, typer.Argument(metavar="ID")],
                    ca_file: CaFile = None) -> None:
     """Approve a pending enrollment; the device gets its certificate when it retries."""
     binding = _decide(device_id, "approve", data_dir, admin_url, ca_file)
-    out.print(f"enrollment of [bold]{binding['device_id']}[/] approved; the device gets its "
-              "certificate on its next attempt")
+    out.print(f"enrollment of [bold]{escape(binding['device_id'])}[/] approved; the device "
+              "gets its certificate on its next attempt")
 
 
 @app.command("reject")
@@ -66,5 +68,5 @@ def enroll_reject(device_id: Annotated[str, typer.Argument(metavar="ID")],
                   ca_file: CaFile = None) -> None:
     """Reject a pending enrollment; every further attempt is refused and audited."""
     binding = _decide(device_id, "reject", data_dir, admin_url, ca_file)
-    out.print(f"enrollment of [bold]{binding['device_id']}[/] rejected; further attempts "
-              "are refused")
+    out.print(f"enrollment of [bold]{escape(binding['device_id'])}[/] rejected; further "
+              "attempts are refused")

@@ -13,14 +13,26 @@ from typing import IO, Annotated, Any, NoReturn
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from rich.markup import escape
 
 from fleetward.cli.client import AdminClient, ApiError
-from fleetward.cli.common import AdminUrl, CaFile, DataDir, TtlHours, api, err, fail, out, progress
+from fleetward.cli.common import (
+    AdminUrl,
+    App,
+    CaFile,
+    DataDir,
+    TtlHours,
+    api,
+    err,
+    fail,
+    out,
+    progress,
+)
 from fleetward.errors import ConfigurationError, FleetwardError, InvalidInput
 from fleetward.model import validate_device_id
 
-app = typer.Typer(help="Provision devices in batches on a production line.",
-                  no_args_is_help=True)
+app = App(help="Provision devices in batches on a production line.",
+          no_args_is_help=True)
 
 
 FACTORY_CHUNK = 500  # devices per API call (the server's per-request maximum)
@@ -86,7 +98,7 @@ def factory_tokens(type_name: Annotated[str, typer.Option("--type", help="device
         except (FleetwardError, OSError, KeyboardInterrupt) as exc:
             _factory_tokens_failed(exc, created, count, out_file)
     out.print(f"registered {created} {type_name} devices; their tokens are in {out_file} "
-              "(mode 0600), the only copy", highlight=False)
+              "(mode 0600), the only copy", markup=False, highlight=False)
 
 
 def _factory_tokens_failed(exc: BaseException, created: int, count: int,
@@ -279,9 +291,9 @@ def factory_sign(type_name: Annotated[str, typer.Option("--type", help="device t
                     failures.append(f"{job.csr_file.name} ({job.device_id}): {exc.message}")
                 bar.advance(task)
     for failure in failures:
-        err.print(f"[bold red]failed:[/] {failure}", highlight=False)
+        err.print(f"[bold red]failed:[/] {escape(failure)}", highlight=False)
     out.print(f"signed {signed}, already signed {already}, failed {len(failures)} "
-              f"→ {out_dir}", highlight=False)
+              f"→ {out_dir}", markup=False, highlight=False)
     if aborted:
         fail(InvalidInput(f"stopped: {aborted}",
                           hint="check the admin API and token, then run again; signed CSRs "

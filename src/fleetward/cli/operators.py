@@ -7,19 +7,30 @@ from typing import Annotated
 
 import typer
 
-from fleetward.cli.common import AdminUrl, CaFile, DataDir, api, err, out, table
+from fleetward.cli.common import (
+    AdminUrl,
+    App,
+    CaFile,
+    DataDir,
+    Quiet,
+    api,
+    err,
+    out,
+    table,
+)
 
-app = typer.Typer(help="Admin API tokens.", no_args_is_help=True)
+app = App(help="Admin API tokens.", no_args_is_help=True)
 
 
 @app.command("add")
 def operator_add(name: str, role: Annotated[str, typer.Option(help="admin|operator|auditor")],
-                 data_dir: DataDir = None, admin_url: AdminUrl = None,
+                 quiet: Quiet = False, data_dir: DataDir = None, admin_url: AdminUrl = None,
                  ca_file: CaFile = None) -> None:
-    """Create an admin API token; it is printed once."""
+    """Create an admin API token; it is printed once (on stdout, alone)."""
     with api(data_dir, admin_url, ca_file) as client:
         created = client.post("/v1/operators", {"name": name, "role": role})
-    err.print("store this token now; it cannot be shown again:")
+    if not quiet:
+        err.print("store this token now; it cannot be shown again:", markup=False)
     sys.stdout.write(created["token"] + "\n")
 
 
@@ -40,4 +51,4 @@ def operator_revoke(token_id: str, data_dir: DataDir = None, admin_url: AdminUrl
     """Revoke an operator token."""
     with api(data_dir, admin_url, ca_file) as client:
         client.request("DELETE", f"/v1/operators/{token_id}")
-    out.print(f"token {token_id} revoked")
+    out.print(f"token {token_id} revoked", markup=False)

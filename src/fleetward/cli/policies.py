@@ -10,6 +10,7 @@ from rich.markup import escape as rich_escape
 
 from fleetward.cli.common import (
     AdminUrl,
+    App,
     CaFile,
     DataDir,
     JsonFlag,
@@ -19,12 +20,13 @@ from fleetward.cli.common import (
     out,
     print_json,
     table,
+    warn,
 )
 from fleetward.errors import InvalidInput
 from fleetward.policy import parse_document, validate_policy_name
 
-app = typer.Typer(help="Policies: what devices may publish, subscribe to and call.",
-                  no_args_is_help=True)
+app = App(help="Policies: what devices may publish, subscribe to and call.",
+          no_args_is_help=True)
 
 
 def _policy_name(name: str) -> str:
@@ -73,9 +75,9 @@ def policy_put(name: str,
     with api(data_dir, admin_url, ca_file) as client:
         stored = client.request("PUT", f"/v1/policies/{_policy_name(name)}", json=document)
     verb = "created" if stored["version"] == 1 else "replaced"
-    out.print(f"policy [bold]{name}[/] {verb} (version {stored['version']}, "
+    out.print(f"policy [bold]{rich_escape(name)}[/] {verb} (version {stored['version']}, "
               f"{stored['statements']} statements; attached to "
-              f"{_attachments_text(stored['attachments'])})", highlight=False)
+              f"{rich_escape(_attachments_text(stored['attachments']))})", highlight=False)
 
 
 @app.command("get")
@@ -88,16 +90,16 @@ def policy_get(name: str, as_json: JsonFlag = False, data_dir: DataDir = None,
         print_json(policy)
         return
     kind = "built-in" if policy["builtin"] else f"version {policy['version']}"
-    out.print(f"policy [bold]{name}[/] ({kind}); attached to "
-              f"{_attachments_text(policy['attachments'])}", highlight=False)
+    out.print(f"policy [bold]{rich_escape(name)}[/] ({kind}); attached to "
+              f"{rich_escape(_attachments_text(policy['attachments']))}", highlight=False)
     table(f"Policy {name}", ["sid", "effect", "actions", "resources"],
           [[st.get("sid", f"#{i}"), st["effect"], ", ".join(st["actions"]),
             "\n".join(st["resources"])]
            for i, st in enumerate(policy["document"]["statements"], start=1)])
     if policy.get("error"):
         err.print(f"[bold red]this stored document no longer validates[/] "
-                  f"({policy['error']}); devices it applies to are denied everything",
-                  highlight=False)
+                  f"({rich_escape(policy['error'])}); devices it applies to are denied "
+                  "everything", highlight=False)
 
 
 @app.command("list")
@@ -120,7 +122,7 @@ def policy_delete(name: str, data_dir: DataDir = None, admin_url: AdminUrl = Non
     """Delete a policy (detach it everywhere first)."""
     with api(data_dir, admin_url, ca_file) as client:
         client.delete(f"/v1/policies/{_policy_name(name)}")
-    out.print(f"policy [bold]{name}[/] deleted", highlight=False)
+    out.print(f"policy [bold]{rich_escape(name)}[/] deleted", highlight=False)
 
 
 PolicyType = Annotated[str | None, typer.Option("--type", help="a device type")]
@@ -137,7 +139,9 @@ def policy_attach(name: str, type_name: PolicyType = None, device: PolicyDevice 
         result = client.post(f"/v1/policies/{_policy_name(name)}/attachments",
                              {kind: target})
     note = "" if result["changed"] else " (it already was)"
-    out.print(f"policy [bold]{name}[/] attached to {kind} {target}{note}", highlight=False)
+    out.print(f"policy [bold]{rich_escape(name)}[/] attached to {kind} "
+              f"{rich_escape(target)}{note}", highlight=False)
+    _print_effective(result)
 
 
 @app.command("detach")
@@ -147,9 +151,36 @@ def policy_detach(name: str, type_name: PolicyType = None, device: PolicyDevice 
     """Detach a policy from a device type or a device."""
     kind, target = _policy_target(type_name, device)
     with api(data_dir, admin_url, ca_file) as client:
-        client.request("DELETE", f"/v1/policies/{_policy_name(name)}/attachments",
-                       params={kind: target})
-    out.print(f"policy [bold]{name}[/] detached from {kind} {target}", highlight=False)
+        result = client.request("DELETE", f"/v1/policies/{_policy_name(name)}/attachments",
+                                params={kind: target})
+    out.print(f"policy [bold]{rich_escape(name)}[/] detached from {kind} "
+              f"{rich_escape(target)}", highlight=False)
+    _print_effective(result)
+
+
+def _print_effective(result: dict[str, Any]) -> None:
+    """What now applies to the attachment's target (the server's ``effective``), and its
+    warnings on stderr, e.g. a type whose devices lost mqtt:connect."""
+    effective = result["effective"]
+    if effective["kind"] == "type":
+        who = f"devices of type {effective['target']} without policies of their own"
+    else:
+        who = f"device {effective['target']}"
+    if effective["implicit_default"]:
+        applies = "default (built-in; nothing is attached"
+        applies += " to the type)" if effective["kind"] == "type" else " to it or its type)"
+    elif effective["kind"] == "type":
+        applies = ", ".join(effective["policies"])
+    else:
+        applies = ", ".join(
+            f"{p} (device)" if p in effective["device_policies"] else
+            f"{p} (type {effective['device_type']})" for p in effective["policies"])
+    out.print(f"now applies to {who}: {applies}", markup=False, highlight=False)
+    if effective["quarantined"]:
+        out.print(f"device {effective['target']} is quarantined: only the quarantine "
+                  "policy applies until it is released", markup=False, highlight=False)
+    for warning in result["warnings"]:
+        warn(warning["message"], warning["hint"])
 
 
 def _print_explanation(result: dict[str, Any], action: str, resource: str,

@@ -10,9 +10,11 @@ import typer
 
 from fleetward.cli.common import (
     AdminUrl,
+    App,
     CaFile,
     DataDir,
     JsonFlag,
+    Quiet,
     TtlHours,
     api,
     device_path,
@@ -20,11 +22,12 @@ from fleetward.cli.common import (
     fail,
     out,
     print_json,
+    warn,
 )
 from fleetward.errors import InvalidInput
 
-app = typer.Typer(help="Bootstrap tokens for first enrollment (EST, RFC 7030).",
-                  no_args_is_help=True)
+app = App(help="Bootstrap tokens for first enrollment (EST, RFC 7030).",
+          no_args_is_help=True)
 
 
 TOKEN_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -42,10 +45,14 @@ def token_create(device: Annotated[str | None, typer.Option(
                                   ] = None,
                  owner: Annotated[str | None, typer.Option(
                      "--owner", help="with --type: owner of the devices it registers")] = None,
-                 ttl_hours: TtlHours = None, as_json: JsonFlag = False,
+                 ttl_hours: TtlHours = None, as_json: JsonFlag = False, quiet: Quiet = False,
                  data_dir: DataDir = None, admin_url: AdminUrl = None,
                  ca_file: CaFile = None) -> None:
-    """Create a bootstrap token (--device ID, or --type T --count N); printed once."""
+    """Create a bootstrap token (--device ID, or --type T --count N); printed once.
+
+    stdout holds the token alone (or the JSON with --json); notes go to stderr, none
+    with --quiet: TOKEN=$(fleetward token create --device d1 --quiet).
+    """
     if (device is None) == (type_name is None):
         fail(InvalidInput("give either --device ID or --type T --count N",
                           hint="fleetward token create --device d1, or "
@@ -63,14 +70,16 @@ def token_create(device: Annotated[str | None, typer.Option(
         body.update({"type": type_name, "count": count, "owner": owner})
     with api(data_dir, admin_url, ca_file) as client:
         created = client.post(path, body)
-    err.print(f"[bold yellow]warning:[/] {SHOWN_ONCE}", highlight=False)
+    if not quiet:
+        warn(SHOWN_ONCE)
     if as_json:
         print_json(created)
         return
-    scope = (f"device {created['device_id']}" if device is not None else
-             f"up to {created['max_uses']} new {created['device_type']} devices")
-    err.print(f"bootstrap token {created['token_id']} for {scope}, expires "
-              f"{created['expires_at']}", highlight=False)
+    if not quiet:
+        scope = (f"device {created['device_id']}" if device is not None else
+                 f"up to {created['max_uses']} new {created['device_type']} devices")
+        err.print(f"bootstrap token {created['token_id']} for {scope}, expires "
+                  f"{created['expires_at']}", markup=False, highlight=False)
     sys.stdout.write(created["token"] + "\n")
 
 
@@ -86,4 +95,4 @@ def token_revoke(token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID")],
                                "the whole token on the command line"))
     with api(data_dir, admin_url, ca_file) as client:
         client.delete(f"/v1/bootstrap-tokens/{token_id}")
-    out.print(f"bootstrap token {token_id} revoked")
+    out.print(f"bootstrap token {token_id} revoked", markup=False)

@@ -8,6 +8,7 @@ target ``policy:<name>``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ import structlog
 from fleetward.audit import AuditLog
 from fleetward.clock import Clock
 from fleetward.errors import InvalidInput, NotFound, PolicyViolation
-from fleetward.model import AuditEvent, Device, parse_serial
+from fleetward.model import AuditEvent, Device, LifecycleState, parse_serial
 from fleetward.policy import (
     ACTIONS,
     BUILTIN_POLICIES,
     DEFAULT_POLICY_NAME,
     QUARANTINE_POLICY_NAME,
     CompiledPolicy,
+    Decision,
     NamedPolicy,
     PolicyDocument,
     PolicySnapshot,
@@ -33,6 +35,7 @@ from fleetward.policy import (
     compile_policies,
     effective_policies,
     parse_document,
+    policies_for,
     validate_policy_name,
 )
 from fleetward.store import Database
@@ -45,6 +48,14 @@ log = structlog.get_logger("fleetward.policy")
 # is compiled per connection; AWS IoT allows 10 per certificate, for the same reason.
 MAX_POLICIES_PER_TARGET = 10
 MAX_TEST_RESOURCE_BYTES = 65535  # MQTT 5.0 §1.5.4: the longest UTF-8 string
+MQTT_CONNECT = "mqtt:connect"
+# A device of a type "in general", for judging a type's policies: each value is usable in
+# every resource (engine.unusable_reason), so ${device.id}, ${device.owner} and
+# ${cert.serial} count as satisfiable, and it connects with its id as client id (the
+# gate requires client id = device id).
+ANY_DEVICE_ID = "any-device-of-the-type"
+ANY_OWNER = "any-owner"
+ANY_SERIAL = "01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,42 @@ class PolicyInfo:
         if self.error is not None:
             out["error"] = self.error
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyWarning:
+    """Something an operator should know about a change that was nonetheless made."""
+
+    code: str  # "mqtt-connect-denied"
+    message: str
+    hint: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePolicies:
+    """What governs a device now, or for a type what its devices without policies of
+    their own get; returned by attach and detach so the operator sees the result."""
+
+    kind: str  # "type" | "device"
+    target: str
+    device_type: str
+    policies: tuple[str, ...]  # in the order the data plane compiles them
+    device_policies: tuple[str, ...]  # attached to the device itself (() for a type)
+    type_policies: tuple[str, ...]  # attached to the device type
+    mqtt_connect: bool  # may such a device connect over MQTT (mqtt:connect)
+    quarantined: bool  # the device is quarantined: the quarantine policy alone applies now
+    warnings: tuple[PolicyWarning, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "target": self.target, "device_type": self.device_type,
+                "policies": list(self.policies),
+                "device_policies": list(self.device_policies),
+                "type_policies": list(self.type_policies),
+                "implicit_default": not (self.device_policies or self.type_policies),
+                "mqtt_connect": self.mqtt_connect, "quarantined": self.quarantined}
 
 
 class PolicyService:
@@ -209,6 +256,47 @@ class PolicyService:
                 action="policy.detached", actor=actor, target=f"policy:{name}",
                 details={"kind": kind, "target": target}))
 
+    def effective(self, kind: str, target: str) -> EffectivePolicies:
+        """What applies to a device type or a device now, by the data plane's own rule
+        (``policies_for``): a device gets the policies attached to it and to its type
+        (device ones first, each once), the built-in ``default`` only when neither has
+        any, and the quarantine policy alone while it is quarantined. For a type, what a
+        device of the type without policies of its own gets.
+
+        Warns when such a device may not connect over MQTT any more: a policy attached
+        to a type or device replaces ``default``, so a deny-only policy alone cuts every
+        device of the type off. Variables are taken as satisfiable for a type
+        (``ANY_DEVICE_ID``); a device is judged with its own id, type and owner.
+
+        Raises:
+            InvalidInput: bad kind.
+            NotFound: no such type or device.
+        """
+        _check_kind(kind)
+        with self.db.read() as conn:
+            _require_target(conn, kind, target)
+            device = device_rows.get_device(conn, target) if kind == "device" else None
+            snapshot = _parse_snapshot(rows.load_snapshot(conn))
+        own: tuple[str, ...] = ()
+        if device is None:
+            type_name = target
+            variables = PolicyVariables(ANY_DEVICE_ID, target, ANY_OWNER, ANY_SERIAL)
+            # a type's view: the policies of no particular device
+            snapshot = dataclasses.replace(snapshot, by_device={})
+        else:
+            type_name, own = device.type, snapshot.by_device.get(device.id, ())
+            variables = PolicyVariables.for_device(device, ANY_SERIAL)
+        policies = policies_for(snapshot, variables.device_id, type_name)
+        decision = compile_policies(policies, variables).decide(MQTT_CONNECT,
+                                                                variables.device_id)
+        names = tuple(p.name for p in policies)
+        warnings = () if decision.allowed else (
+            _connect_warning(kind, target, names, decision),)
+        return EffectivePolicies(
+            kind, target, type_name, names, own, snapshot.by_type.get(type_name, ()),
+            decision.allowed,
+            device is not None and device.state is LifecycleState.QUARANTINED, warnings)
+
     # --- the data plane's view ----------------------------------------------------------
 
     def snapshot(self) -> PolicySnapshot:
@@ -219,25 +307,7 @@ class PolicyService:
         """
         with self.db.read() as conn:
             loaded = rows.load_snapshot(conn)
-        documents: dict[str, NamedPolicy] = {}
-        for row in loaded.policies:
-            if row.name in BUILTIN_POLICIES:
-                continue
-            try:
-                documents[row.name] = NamedPolicy(row.name, parse_document(row.document),
-                                                  row.version)
-            except InvalidInput as exc:
-                log.error("stored policy does not validate; it denies everything",
-                          policy=row.name, error=exc.message)
-                documents[row.name] = NamedPolicy(row.name, PolicyDocument(()), row.version,
-                                                  error=exc.message)
-        by_type: dict[str, list[str]] = {}
-        by_device: dict[str, list[str]] = {}
-        for attachment in loaded.attachments:
-            index = by_type if attachment.target_kind == "type" else by_device
-            index.setdefault(attachment.target, []).append(attachment.policy_name)
-        return PolicySnapshot(documents, {k: tuple(v) for k, v in by_type.items()},
-                              {k: tuple(v) for k, v in by_device.items()})
+        return _parse_snapshot(loaded)
 
     def compile(self, snapshot: PolicySnapshot, device: Device,
                 serial: int | None) -> CompiledPolicy:
@@ -300,6 +370,50 @@ class PolicyService:
             document, error = row.document, exc.message
         return PolicyInfo(name, document, row.version, False, attachments, row.created_at,
                           row.updated_at, error)
+
+
+def _parse_snapshot(loaded: rows.SnapshotRows) -> PolicySnapshot:
+    """Policies and attachments as the engine takes them (see ``PolicyService.snapshot``)."""
+    documents: dict[str, NamedPolicy] = {}
+    for row in loaded.policies:
+        if row.name in BUILTIN_POLICIES:
+            continue
+        try:
+            documents[row.name] = NamedPolicy(row.name, parse_document(row.document),
+                                              row.version)
+        except InvalidInput as exc:
+            log.error("stored policy does not validate; it denies everything",
+                      policy=row.name, error=exc.message)
+            documents[row.name] = NamedPolicy(row.name, PolicyDocument(()), row.version,
+                                              error=exc.message)
+    by_type: dict[str, list[str]] = {}
+    by_device: dict[str, list[str]] = {}
+    for attachment in loaded.attachments:
+        index = by_type if attachment.target_kind == "type" else by_device
+        index.setdefault(attachment.target, []).append(attachment.policy_name)
+    return PolicySnapshot(documents, {k: tuple(v) for k, v in by_type.items()},
+                          {k: tuple(v) for k, v in by_device.items()})
+
+
+def _connect_warning(kind: str, target: str, policies: tuple[str, ...],
+                     decision: Decision) -> PolicyWarning:
+    who = (f"devices of type {target!r} (those without policies of their own)"
+           if kind == "type" else f"device {target!r}")
+    if decision.statement is not None:  # an explicit deny
+        why = decision.reason
+        hint = ("a deny wins over every allow: narrow or remove that statement; check "
+                f"with fleetward policy test --action {MQTT_CONNECT}")
+    elif decision.policy is not None:  # a stored document that no longer validates
+        why = decision.reason
+        hint = f"fix it: fleetward policy get {decision.policy}, then policy put"
+    else:
+        why = f"no statement in {', '.join(policies)} allows {MQTT_CONNECT}"
+        hint = (f"policies attached to a {kind} replace the built-in 'default' policy, "
+                f"which allows {MQTT_CONNECT}: attach it as well (fleetward policy attach "
+                f"default --{kind} {target}) or allow {MQTT_CONNECT} on ${{device.id}} in "
+                "one of them")
+    return PolicyWarning("mqtt-connect-denied",
+                         f"{who} cannot connect over MQTT: {why}", hint)
 
 
 def _refuse_builtin(name: str, verb: str) -> None:
