@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import ssl
@@ -31,15 +29,18 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import make_url
 
+from fleetward import ports
 from fleetward.admin.app import AdminServices, build_admin_app
 from fleetward.admin.auth import OperatorTokens
 from fleetward.audit import AuditLog
-from fleetward.ca import Authority, IssueRequest, profiles_from_config
+from fleetward.ca import Authority
 from fleetward.ca.setup import (
     ISSUING_NAME,
     ROOT_NAME,
+    check_server_names,
     create_hierarchy,
     import_hierarchy,
+    issue_server_certificate,
     load_handles,
 )
 from fleetward.clock import Clock, SystemClock
@@ -59,7 +60,6 @@ from fleetward.crypto.signer import (
     PASSPHRASE_FILE_ENV,
     FileSigner,
     Signer,
-    generate_private_key,
     load_signer,
     read_passphrase,
     write_encrypted_key,
@@ -85,6 +85,11 @@ from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import cas as ca_rows
 from fleetward.store import devices as device_rows
+from fleetward.web.request_errors import (
+    loop_exception_handler,
+    request_error_logger,
+    scrub_foreign_record,
+)
 from fleetward.web.tls import server_context
 from fleetward.web.tls_gate import GatedTLSSite, ListenerLimits
 
@@ -99,8 +104,20 @@ _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
 
 
 def configure_logging(level: str = "info") -> None:
-    """JSON logs on stderr; the audit module strips secret-looking keys before logging."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    """JSON logs on stderr, one object per line, from structlog and from the standard
+    ``logging`` module alike (aiohttp, asyncio, Alembic, warnings). The audit module strips
+    secret-looking keys before logging; ``web.request_errors`` keeps raw request bytes
+    out of records from aiohttp and asyncio."""
+    stdlib = logging.StreamHandler(sys.stderr)
+    stdlib.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True),
+                           scrub_foreign_record],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()]))
+    logging.basicConfig(level=level.upper(), handlers=[stdlib])
+    logging.captureWarnings(True)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
@@ -229,11 +246,7 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
                                   listeners.public_url, clock, audit)
             authority.refresh_crl(conn, ROOT_NAME)
             authority.refresh_crl(conn, ISSUING_NAME)
-            server_key = generate_private_key()
-            names = tuple(dict.fromkeys(["localhost", "127.0.0.1", "::1", *hostnames]))
-            record = authority.issue(conn, IssueRequest(
-                public_key=server_key.public_key(),
-                profile=profiles_from_config(ca)["server"], server_names=names), "system")
+            record, server_key = issue_server_certificate(conn, authority, hostnames, "system")
             if device_rows.get_type(conn, DEFAULT_DEVICE_TYPE) is None:
                 device_rows.insert_type(conn, DeviceType(
                     DEFAULT_DEVICE_TYPE, "Devices registered without a specific type"), now)
@@ -256,8 +269,6 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
 
 # "<org> Issuing CA" must fit a 64-character CN (RFC 5280 Appendix A, ub-common-name).
 MAX_ORGANIZATION_CHARS = 53
-_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
 def _validate_names(organization: str, hostnames: list[str]) -> None:
@@ -265,15 +276,7 @@ def _validate_names(organization: str, hostnames: list[str]) -> None:
     if not organization or len(organization) > MAX_ORGANIZATION_CHARS:
         raise InvalidInput(f"--organization must be 1-{MAX_ORGANIZATION_CHARS} characters",
                            hint="it becomes part of the CA names, which X.509 limits to 64")
-    for name in hostnames:
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            if not _DNS_NAME.fullmatch(name):
-                raise InvalidInput(
-                    f"--hostname {name!r} is neither an IP address nor a DNS name",
-                    hint="use an ASCII host name (IDNA-encode international names) or an IP",
-                ) from None
+    check_server_names(hostnames)
 
 
 def _new_ca_signers(layout: DataDirLayout, settings: Settings,
@@ -438,6 +441,9 @@ class Node:
              "admin"),
         ]
         loop = asyncio.get_running_loop()
+        # asyncio's default handler logs reprs of handles (a callback's arguments: raw
+        # request bytes), transports and protocols.
+        loop.set_exception_handler(loop_exception_handler)
 
         tls_refusals = Throttle(self.settings.channel.refusal_audit_window_seconds)
 
@@ -489,15 +495,20 @@ class Node:
             loop.call_soon_threadsafe(self._push_commands, mqtt_server, device_id, [command])
         self.commands.add_listener(command_queued)
         try:
-            await mqtt_server.start(listeners.host, listeners.mqtt_port)
+            try:
+                await mqtt_server.start(listeners.host, listeners.mqtt_port)
+            except OSError as exc:  # taken since serve() checked it
+                raise ports.bind_failed(ports.port_of(listeners, "mqtt"), exc) from None
             log.info("listening", listener="mqtt", host=listeners.host,
                      port=listeners.mqtt_port, tls=True)
             for app, port, ssl_ctx, name in sites:
                 # aiohttp's default keep-alive (3630 s, started at connection_made)
                 # would let certificate-less clients hold device slots for an hour; the
                 # other listeners get aiohttp's former default, 75 s.
+                # Malformed requests: one structured line without the request's bytes
+                # (aiohttp's own logger printed the raw header in a traceback).
                 runner = web.AppRunner(
-                    app, access_log=None,
+                    app, access_log=None, logger=request_error_logger(name),
                     keepalive_timeout=(float(self.settings.device_api.idle_timeout_seconds)
                                        if name == "device" else 75.0))
                 await runner.setup()
@@ -513,7 +524,10 @@ class Node:
                                               device_api.max_pending_handshakes_per_source))
                 else:
                     site = web.TCPSite(runner, listeners.host, port, ssl_context=ssl_ctx)
-                await site.start()
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise ports.bind_failed(ports.port_of(listeners, name), exc) from None
                 log.info("listening", listener=name, host=listeners.host, port=port,
                          tls=ssl_ctx is not None)
             # CLI commands on this host find the admin API through this file.
@@ -647,6 +661,18 @@ class Node:
 
 
 def serve(data_dir: Path, listeners: ListenerConfig | None) -> None:
+    """Run every listener until SIGINT or SIGTERM.
+
+    Every port is bound and released before anything else happens (no secret read, no
+    migration, no file written, no listener started), so a port held by another process,
+    a second ``serve`` included, ends start-up with one error that names its holder.
+
+    Raises:
+        ConfigurationError: not a data directory, a port is held or cannot be bound
+            (``ports.PortInUse``), secrets or CA keys are missing.
+    """
+    if DataDirLayout(data_dir).config_file.exists():  # otherwise Node says to run init
+        ports.check_free(ports.ports_of(listeners or load_settings(data_dir).listeners))
     node = Node(data_dir, listeners)
 
     async def main() -> None:

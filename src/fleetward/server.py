@@ -1,18 +1,23 @@
-"""The console entry point: the ``fleetward`` CLI plus ``init`` and ``serve``.
+"""The console entry point: the ``fleetward`` CLI plus the server-host commands.
 
-Nothing imports this module. It adds the two commands that need concrete stores and
-keys to the Typer app from ``fleetward.cli`` (which otherwise talks to the admin API
-only) and imports their wiring, ``fleetward.node``, only when one of them runs.
+Nothing imports this module. It adds the commands that need concrete stores and keys
+to the Typer app from ``fleetward.cli`` (which otherwise talks to the admin API only):
+``init``, ``serve``, ``ca reissue-server-cert`` and the local mode of ``audit verify``.
+Their wiring (``fleetward.node``, ``fleetward.offline``) is imported only when one of
+them runs.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from fleetward.cli import audit as audit_cli
+from fleetward.cli.cas import app as ca_app
 from fleetward.cli.common import fail
 from fleetward.cli.main import app as cli_app
 from fleetward.config import (
@@ -30,8 +35,19 @@ DataDirOption = Annotated[Path, typer.Option("--data-dir", envvar="FLEETWARD_DAT
                                              help="Fleetward data directory")]
 
 
-@cli_app.command("init")
+# Typer keeps the line breaks of every paragraph but the first: help texts are written as
+# one string per paragraph.
+INIT_HELP = (
+    "Create the CAs, server certificate, database and first admin token (once).\n\n"
+    "Run again on an initialised directory it changes nothing, says so, and names each "
+    "flag that differs from what the directory has, with what to do instead: other server "
+    "names need `fleetward ca reissue-server-cert`; the public URL cannot change after "
+    "init (every issued certificate carries it).")
+
+
+@cli_app.command("init", help=INIT_HELP)
 def init_command(
+    ctx: typer.Context,
     data_dir: DataDirOption = Path("fleetward-data"),
     hostname: Annotated[list[str] | None, typer.Option(
         "--hostname", help="extra DNS name or IP for the server certificate")] = None,
@@ -77,6 +93,18 @@ def init_command(
         typer.echo(f"  start with:   fleetward serve --data-dir {data_dir}")
     else:
         typer.echo(f"{data_dir} is already initialised; nothing changed")
+        from fleetward import offline
+
+        # Only the flags typed: a default that differs from the stored value is no request.
+        # (By name: Typer bundles its own click, whose enum is not click's.)
+        given = {name: value for name, value in ctx.params.items()
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+        differences = offline.init_differences(data_dir, given)
+        if differences:
+            typer.echo("  these flags differ from what it has, and were not applied:")
+        for diff in differences:
+            typer.echo(f"  {diff.flag}: {diff.stored}; asked for {diff.asked}")
+            typer.echo(f"    {diff.todo}")
 
 
 @cli_app.command("serve")
@@ -106,6 +134,57 @@ def serve_command(
         node.serve(data_dir, listeners)
     except FleetwardError as exc:
         fail(exc)
+
+
+REISSUE_HELP = (
+    "Issue a new TLS server certificate (new key) for every listener.\n\n"
+    "Works on the data directory itself (database, CA key), with the server stopped or "
+    "running; the server presents the new certificate from its next start. It names "
+    "localhost, 127.0.0.1 and ::1 and the --hostname names (default: those of the current "
+    "certificate). The replaced certificate is marked superseded and revoked as superseded "
+    "after --revoke-old-after-hours (by a running server's supersede sweep, or at the next "
+    "start), so clients of a server that has not restarted yet are not cut off. Audited as "
+    "ca.server_certificate_reissued.")
+
+
+@ca_app.command("reissue-server-cert", help=REISSUE_HELP)
+def reissue_server_cert_command(
+    data_dir: DataDirOption = Path("fleetward-data"),
+    hostname: Annotated[list[str] | None, typer.Option(
+        "--hostname", help="DNS name or IP besides localhost, 127.0.0.1 and ::1 (repeatable); "
+                           "replaces the current certificate's; default: keep them")] = None,
+    revoke_old_after_hours: Annotated[int, typer.Option(
+        min=0, help="revoke the replaced certificate (reason superseded) after this many "
+                    "hours; 0: at once")] = 24,
+) -> None:
+    """Issue a new TLS server certificate for the listeners (see ``REISSUE_HELP``)."""
+    from fleetward import node, offline
+
+    node.configure_logging("warning")
+    try:
+        result = offline.reissue_server_certificate(
+            data_dir, hostname, revoke_previous_after=dt.timedelta(hours=revoke_old_after_hours),
+            actor=offline.local_actor())
+    except FleetwardError as exc:
+        fail(exc)
+    typer.echo(f"issued server certificate {result.serial} for {', '.join(result.names)}")
+    typer.echo(f"  certificate:  {result.cert_file} (valid until "
+               f"{result.not_after.date().isoformat()})")
+    if result.previous_serial and result.previous_revoked_at:
+        when = ("revoked now" if revoke_old_after_hours == 0 else
+                f"to be revoked at {result.previous_revoked_at.replace(microsecond=0).isoformat()}")
+        typer.echo(f"  replaced:     {result.previous_serial}, superseded; {when}")
+    typer.echo("  takes effect: when `fleetward serve` next starts (restart a running server)")
+
+
+def _verify_locally(data_dir: Path) -> dict[str, Any]:
+    from fleetward import node, offline
+
+    node.configure_logging("error")
+    return offline.verify_audit(data_dir)
+
+
+audit_cli.use_local_verifier(_verify_locally)
 
 
 def main() -> None:

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Connection
 
 from fleetward.audit import AuditLog
-from fleetward.ca.authority import CAHandle, require_signer
-from fleetward.ca.pipeline import revocation_pointers
-from fleetward.crypto.signer import Signer, signature_hash
+from fleetward.ca.authority import Authority, CAHandle, require_signer
+from fleetward.ca.pipeline import IssueRequest, revocation_pointers
+from fleetward.ca.profiles import profiles_from_config
+from fleetward.crypto.signer import Signer, generate_private_key, signature_hash
 from fleetward.crypto.x509util import fingerprint_sha256, random_serial, to_pem
 from fleetward.errors import InvalidInput, NotFound, PolicyViolation
 from fleetward.model import AuditEvent, CertificateRecord
@@ -338,6 +341,75 @@ def load_handles(
         signer = open_signer(row.key_ref) if row.key_ref and row.kind != "oem" else None
         handles[row.name] = CAHandle(row.name, row.kind, cert, signer)
     return handles
+
+
+# --- the TLS server certificate ------------------------------------------------------
+
+# Every server certificate names these, so that CLI commands and agents on the server
+# host reach the listeners by "localhost" whatever address they bind.
+SERVER_BASE_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _normal_name(name: str) -> str:
+    """IP addresses in their canonical text form ("0:0::1" is "::1"); DNS names as given."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def check_server_names(hostnames: Sequence[str]) -> None:
+    """Refuse names that would only fail later, half-way through issuing.
+
+    Raises:
+        InvalidInput: a name is neither an IP address nor an ASCII DNS name.
+    """
+    for name in hostnames:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            if not _DNS_NAME.fullmatch(name):
+                raise InvalidInput(
+                    f"--hostname {name!r} is neither an IP address nor a DNS name",
+                    hint="use an ASCII host name (IDNA-encode international names) or an IP",
+                ) from None
+
+
+def server_names(hostnames: Sequence[str]) -> tuple[str, ...]:
+    """The SAN list of a server certificate: the base names, then ``hostnames``, once each."""
+    return tuple(dict.fromkeys([*SERVER_BASE_NAMES, *(_normal_name(n) for n in hostnames)]))
+
+
+def extra_server_names(cert: x509.Certificate) -> list[str]:
+    """The names of a server certificate beyond ``SERVER_BASE_NAMES``, in SAN order."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    names = [str(value) for general in san
+             if isinstance(general, x509.DNSName | x509.IPAddress)
+             for value in (general.value,)]
+    return [name for name in dict.fromkeys(names) if name not in SERVER_BASE_NAMES]
+
+
+def issue_server_certificate(
+    conn: Connection, authority: Authority, hostnames: Sequence[str], actor: str
+) -> tuple[CertificateRecord, ec.EllipticCurvePrivateKey]:
+    """Issue a TLS server certificate with a new P-256 key for ``server_names(hostnames)``.
+
+    The key is returned, not stored: the caller writes it once the transaction commits.
+
+    Raises:
+        InvalidInput: a host name is not valid.
+    """
+    check_server_names(hostnames)
+    key = generate_private_key()
+    record = authority.issue(conn, IssueRequest(
+        public_key=key.public_key(), profile=profiles_from_config(authority.config)["server"],
+        server_names=server_names(hostnames)), actor)
+    return record, key
 
 
 def _require_ca_certificate(cert: x509.Certificate, what: str) -> None:

@@ -61,6 +61,10 @@ TYPE_ACTIONS = frozenset({"device_type.created", "device_type.updated"})
 WATCHED_ACTIONS = DEVICE_ACTIONS | POLICY_ACTIONS | TYPE_ACTIONS
 
 ADMIN_CLOSE = 0x98  # MQTT 5.0 §2.4 reason code: administrative action
+# A refused MQTT client id is echoed in the CONNACK Reason String and the audit row; it
+# is client-controlled text (up to 65535 bytes, MQTT 5.0 §1.5.4), so only this much of
+# it, with anything unprintable escaped.
+MAX_ECHOED_CLIENT_ID_CHARS = 64
 
 
 class LocalChanges:
@@ -330,7 +334,8 @@ class TrustGate:
                            f"device is {state.value}; an operator must enable it")
         if client_id is not None and client_id != device_id:
             return Refused(Refusal.CLIENT_ID_NOT_VALID,
-                           "the client id must equal the device id in the certificate")
+                           f'client id "{echo_client_id(client_id)}", certificate names '
+                           f'"{device_id}": the client id must be the device id')
         policy = self._policies.compile(self._policy_snapshot, device, serial)
         if channel == "mqtt":
             decision = policy.decide(Action.MQTT_CONNECT, device_id)
@@ -380,6 +385,20 @@ class TrustGate:
                 target=f"device:{device_id}" if device_id else f"remote:{peer}",
                 outcome="failure", details=details))
         return Refused(code, reason)
+
+
+def echo_client_id(client_id: str) -> str:
+    """``client_id`` fit to quote in a reason: at most ``MAX_ECHOED_CLIENT_ID_CHARS``
+    characters (then "…"); control, format and separator characters (newlines, escape
+    sequences, bidirectional overrides), quotes and backslashes as Python escapes."""
+    text = "".join(_escape_char(ch) for ch in client_id[:MAX_ECHOED_CLIENT_ID_CHARS])
+    return text + ("…" if len(client_id) > MAX_ECHOED_CLIENT_ID_CHARS else "")
+
+
+def _escape_char(ch: str) -> str:
+    if ch in '"\\':
+        return "\\" + ch
+    return ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -292,8 +292,9 @@ class Connect:
     keep_alive: int = 60  # seconds; 0 = off (§3.1.2.10)
     properties: Properties = EMPTY_PROPERTIES
     will: Will | None = None
-    username: str | None = None
-    password: bytes | None = None
+    # Never in a repr (a log line or traceback that formats the packet): credentials.
+    username: str | None = dataclasses.field(default=None, repr=False)
+    password: bytes | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -680,6 +680,11 @@ class _Connection(asyncio.Protocol):
         code after CONNACK (3.1.1: just close, §4.8); before CONNACK, close."""
         self.server.audit("mqtt.protocol_error", self.admission, self.source,
                           {"reason_code": code, "detail": message[:200]})
+        # One structured line per connection (the audit row is throttled per peer). The
+        # messages name the rule broken, never the packet's bytes (user name, password).
+        log.warning("mqtt protocol error", listener="mqtt", peer=self.source,
+                    device_id=self.admission.device_id if self.admission else None,
+                    reason_code=code, reason=message[:200])
         if (self.admission is None and code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
                 and self.transport is not None and not self.closing):
             self._send(V311_UNSUPPORTED_VERSION_CONNACK)
@@ -831,6 +836,9 @@ class _Connection(asyncio.Protocol):
 
     def _refuse_connect(self, code: int, reason: str, admission: Admission | None = None,
                         *, audit: bool = True) -> None:
+        # Our reason, never the CONNECT's user name or password (the server ignores both).
+        log.info("mqtt connect refused", listener="mqtt", peer=self.source,
+                 reason_code=code, reason=reason[:200])
         if audit:
             self.server.audit("mqtt.connect_refused", admission, self.source,
                               {"reason_code": code, "reason": reason})
