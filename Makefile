@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ./fleetward-data
-DEB_PACKAGES := openssl curl softhsm2 libengine-pkcs11-openssl mosquitto-clients mosquitto
+DEB_PACKAGES := openssl curl softhsm2 libengine-pkcs11-openssl opensc mosquitto-clients mosquitto
 PYTEST_ARGS ?=
 
 .PHONY: run test lint typecheck bench clean deps
@@ -23,10 +23,12 @@ $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.stamp-run
 	@test -f $(DATA_DIR)/fleetward.toml || $(BIN)/fleetward init --data-dir $(DATA_DIR)
+	@echo "in another shell, here: . $(VENV)/bin/activate && export FLEETWARD_DATA_DIR=$(DATA_DIR)"
 	$(BIN)/fleetward serve --data-dir $(DATA_DIR)
 
 # Debian packages the tests drive (openssl, curl, SoftHSM2, the PKCS#11 engine the agent
-# uses for mTLS with a token key); installed only when missing.
+# uses for mTLS with a token key, OpenSC's pkcs11-tool to read key attributes back,
+# Mosquitto's clients and broker); installed only when missing.
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
