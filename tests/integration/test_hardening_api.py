@@ -8,6 +8,7 @@ import ssl
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -91,6 +92,68 @@ def test_cli_unwritable_out_is_refused_before_issuing(server: RunningServer,
     assert result.returncode != 0 and "hint:" in result.stderr
     with server.admin() as client:
         assert client.get("/v1/devices/hard-out/certificates").json()["items"] == []
+
+
+@pytest.mark.parametrize(("listener", "method", "path", "allow"), [
+    ("admin", "PUT", "/v1/devices", {"GET", "POST"}),
+    ("admin", "TRACE", "/v1/whoami", {"GET"}),
+    # POST explains; GET, PUT and DELETE address the policy named "test" (the document
+    # lists all four there).
+    ("admin", "PATCH", "/v1/policies/test", {"POST", "GET", "PUT", "DELETE"}),
+    ("public", "POST", "/healthz", {"GET", "HEAD"}),
+    ("device", "DELETE", "/v1/health", {"GET", "HEAD"}),
+])
+def test_405_answers_carry_allow_on_every_listener(server: RunningServer, listener: str,
+                                                   method: str, path: str,
+                                                   allow: set[str]) -> None:
+    # RFC 9110 §15.5.6: a 405 MUST list the allowed methods; problem_middleware dropped
+    # the header when it rewrote aiohttp's error into problem+json.
+    url = {"admin": server.admin_url, "public": server.public_url,
+           "device": f"https://localhost:{server.device_port}"}[listener]
+    with httpx.Client(verify=server.tls(), timeout=30) as client:
+        response = client.request(method, url + path,
+                                  headers={"Authorization": f"Bearer {server.token}"})
+    assert response.status_code == 405, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert set(response.headers["allow"].split(",")) == allow
+
+
+def test_an_integral_json_number_is_an_integer(server: RunningServer) -> None:
+    # The document says {"type": "integer"}, which JSON Schema satisfies with 72.0.
+    with server.admin() as client:
+        issued = client.post("/v1/bootstrap-tokens",
+                             json={"type": "default", "count": 2.0, "ttl_hours": 72.0})
+        assert issued.status_code == 201, issued.text
+        assert issued.json()["max_uses"] == 2
+        refused = client.post("/v1/bootstrap-tokens",
+                              json={"type": "default", "count": 2.5})
+        assert refused.status_code == 400 and "integer" in refused.json()["detail"]
+
+
+def test_nul_characters_are_refused_before_postgresql_sees_them(tmp_path: Path,
+                                                                postgres_url: str) -> None:
+    # Found by schemathesis on PostgreSQL: psycopg refuses U+0000 in text parameters
+    # ("PostgreSQL text fields cannot contain NUL"), so each of these was a 500.
+    server = start_server(tmp_path / "data",
+                          env=dict(os.environ, FLEETWARD_DATABASE_URL=postgres_url))
+    try:
+        with server.admin() as client:
+            for method, path, body in [
+                ("GET", "/v1/audit?action=a%00b", None),
+                ("GET", "/v1/devices?owner=a%00b", None),
+                ("GET", "/v1/devices/a%00b", None),
+                ("DELETE", "/v1/policies/default/attachments?device=a%00b", None),
+                ("POST", "/v1/device-types", {"name": "nul", "description": "a\x00b"}),
+            ]:
+                response = client.request(method, path, json=body)
+                assert response.status_code == 400, (path, response.text)
+                assert "U+0000" in response.json()["detail"]
+            # Negative control: the same requests without the character are fine.
+            assert client.get("/v1/audit", params={"action": "ab"}).status_code == 200
+            assert client.post("/v1/device-types", json={"name": "nul", "description": "ab"}
+                               ).status_code == 201
+    finally:
+        stop_server(server)
 
 
 def _init(data_dir: Path, *args: str, env: dict[str, str] | None = None

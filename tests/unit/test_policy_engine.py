@@ -551,6 +551,14 @@ BAD_DOCUMENTS: list[tuple[str, str | bytes, str]] = [
     ("invalid-yaml", "statements: [a\n  b: c", "not valid YAML"),
     ("yaml-python-object", "!!python/object/apply:os.system ['true']", "not valid YAML"),
     ("not-utf8", b'{"statements": "\xff"}', "not UTF-8"),
+    # Found by schemathesis (issue 10): both were 500s through PUT /v1/policies/{name}.
+    ("json-nested-too-deep-was-a-500", '{"statements": ' + "[" * 30000 + "]" * 30000 + "}",
+     "nested too deeply"),
+    ("yaml-nested-too-deep-was-a-500", "statements: " + "[" * 30000 + "]" * 30000,
+     "nested too deeply"),
+    ("unpaired-surrogate-in-resource",
+     '{"statements": [{"effect": "allow", "actions": ["mqtt:publish"], '
+     '"resources": ["a/\\udc00"]}]}', "unpaired surrogate"),
 ]
 
 

@@ -34,13 +34,14 @@ from fleetward.admin.base import (
     MAX_BODY_BYTES,
     SERVICES_KEY,
     AdminServices,
+    Reply,
     Route,
     actor,
     json_response,
 )
 from fleetward.errors import Forbidden
 from fleetward.model import AuditEvent, Operator
-from fleetward.web.problem import problem_middleware
+from fleetward.web.problem import problem_middleware, refuse_nul_in_target
 
 __all__ = ["ROUTES", "AdminServices", "Route", "build_admin_app", "openapi_document"]
 
@@ -50,7 +51,8 @@ async def openapi(request: web.Request, svc: AdminServices, op: Operator | None)
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/openapi.json", None, openapi, "This OpenAPI 3 document"),
+    Route("GET", "/openapi.json", None, openapi, "This OpenAPI 3.1 document",
+          responses={200: Reply("the document", {"type": "object"})}),
     *meta.ROUTES,
     *device_types.ROUTES,
     *devices.ROUTES,
@@ -93,6 +95,7 @@ def _guard(route: Route, svc: AdminServices) -> Callable[[web.Request],
         except Forbidden as exc:
             await svc.run(_audit_forbidden, svc, operator, route, request.path)
             raise exc
+        refuse_nul_in_target(request, query=bool(route.query))
         return await route.handler(request, svc, operator)
     return handle
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -33,6 +34,9 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 1024 * 1024  # bytes; a CSR is ~1 KiB, an OEM CA certificate ~2 KiB
 DEFAULT_TOKEN_TTL_HOURS = 72  # a device is usually installed within days of its token
 MAX_TOKEN_TTL_HOURS = 24 * 90  # hours; BootstrapTokens allows at most 90 days
+MAX_SQL_INT = 2**63 - 1  # BIGINT: audit sequence numbers and message ids
+MAX_PAGE = 1000  # items per list call, wherever a route takes ?limit=
+_DECIMAL = re.compile(r"-?[0-9]+")
 OPERATOR_KEY = web.AppKey("operator", Operator)
 SERVICES_KEY: web.AppKey[AdminServices] = web.AppKey("services")
 
@@ -60,14 +64,47 @@ Handler = Callable[[web.Request, AdminServices, Operator], Awaitable[web.StreamR
 
 
 @dataclass(frozen=True, slots=True)
+class Reply:
+    """One documented response of a route: what the status means and its JSON body."""
+
+    description: str
+    schema: dict[str, Any] | None = None  # JSON Schema of the body; None: no body (204)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A path or query parameter with the constraints its handler enforces."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+    required: bool = False  # path parameters always are
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
+    """One admin API operation: its role, handler and what the OpenAPI document says.
+
+    ``responses`` lists the statuses the handler answers with on success (each with
+    its body's schema); ``errors`` the problem statuses it can produce beyond those
+    every route of its kind has (401/403 when it needs a role; 400 when it takes a
+    body, query or path parameters; 413 with a body; 5XX always), each with what it
+    means here: see ``fleetward.admin.openapi``.
+    """
+
     method: str
     path: str
     role: Role | None  # None: public (health, OpenAPI document)
     handler: Callable[..., Awaitable[web.StreamResponse]]
     summary: str
     body: dict[str, Any] | None = None  # JSON Schema of the request body
-    query: tuple[str, ...] = ()
+    query: tuple[Param, ...] = ()
+    responses: Mapping[int, Reply] = field(default_factory=dict)
+    errors: Mapping[int, str] = field(default_factory=dict)
+    # Path parameters whose schema differs from PATH_PARAMS (e.g. names that exclude
+    # the built-in policies).
+    path_params: tuple[Param, ...] = ()
+    body_types: tuple[str, ...] = ("application/json",)
 
 
 def actor(op: Operator) -> str:
@@ -84,6 +121,10 @@ def body_int(body: dict[str, Any], key: str, default: int | None, low: int, high
     value = body.get(key, default)
     if value is None:
         raise InvalidInput(f"missing field {key!r}", hint=example)
+    # JSON has one number type: JSON Schema's "integer" is any number with a zero
+    # fractional part (2020-12 Core §4.2.1), so 30.0 is 30, as the OpenAPI document says.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     # bool is an int in Python; JSON true must not mean 1.
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"field {key!r} must be an integer", hint=example)
@@ -109,15 +150,27 @@ def str_list(body: dict[str, Any], key: str, example: str) -> list[str] | None:
     return value
 
 
-def query_int(request: web.Request, key: str, default: int) -> int:
+def query_int(request: web.Request, key: str, default: int, low: int = 0,
+              high: int = MAX_SQL_INT) -> int:
+    """A query parameter of decimal digits in ``low..high``; ``default`` when absent.
+
+    Raises:
+        InvalidInput: not an integer (Python's ``int()`` would also take "1_000", " 5"
+            and other scripts' digits), or out of range (a value beyond a 64-bit SQL
+            integer would fail in the database driver instead).
+    """
     raw = request.query.get(key)
     if raw is None:
         return default
-    try:
-        return int(raw)
-    except ValueError:
+    if not _DECIMAL.fullmatch(raw):
         raise InvalidInput(f"query parameter {key} must be an integer",
-                           hint=f"e.g. ?{key}={default}") from None
+                           hint=f"e.g. ?{key}={default}")
+    # More digits than any 64-bit value has are out of range without parsing them.
+    value = int(raw) if len(raw) <= 20 else high + 1
+    if not low <= value <= high:
+        raise InvalidInput(f"query parameter {key} must be between {low} and {high}",
+                           hint=f"e.g. ?{key}={default}")
+    return value
 
 
 def ttl(body: dict[str, Any], default_hours: int = DEFAULT_TOKEN_TTL_HOURS) -> dt.timedelta:
@@ -126,8 +179,7 @@ def ttl(body: dict[str, Any], default_hours: int = DEFAULT_TOKEN_TTL_HOURS) -> d
                                        MAX_TOKEN_TTL_HOURS))
 
 
-# --- JSON Schema snippets shared by the route tables ------------------------------------
+# --- JSON Schema of ?limit= (the rest are in fleetward.admin.schemas) --------------------
 
-STRING = {"type": "string"}
-TTL = {"type": "integer", "minimum": 1, "maximum": 24 * 90,
-       "description": "token lifetime in hours (default 72)"}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100,
+         "description": "items per page"}

@@ -7,14 +7,24 @@ from typing import Any
 from aiohttp import web
 
 from fleetward.admin.base import (
-    STRING,
-    TTL,
     AdminServices,
+    Reply,
     Route,
     actor,
     body_int,
     json_response,
     ttl,
+)
+from fleetward.admin.schemas import (
+    DATE_TIME,
+    OWNER,
+    STRING,
+    STRING_OR_NULL,
+    TOKEN_ID,
+    TTL_HOURS,
+    TYPE_NAME,
+    nullable,
+    obj,
 )
 from fleetward.enroll import IssuedToken
 from fleetward.enroll.bootstrap import MAX_BATCH as MAX_CLAIM_BATCH
@@ -57,17 +67,30 @@ async def revoke_bootstrap_token(request: web.Request, svc: AdminServices,
     return web.Response(status=204)
 
 
+_TOKEN_FIELDS = {
+    "token": {"type": "string", "pattern": "^fwb_[0-9a-f]{16}\\.[A-Za-z0-9_-]{43}$",
+              "description": "shown once; stored only as a SHA-256"},
+    "token_id": TOKEN_ID, "expires_at": DATE_TIME,
+    "max_uses": {"type": "integer", "minimum": 1}}
+
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/devices/{device_id}/bootstrap-tokens", Role.OPERATOR,
           create_device_token, "Issue a single-use bootstrap token for a device (shown once)",
-          {"type": "object", "additionalProperties": False, "properties": {"ttl_hours": TTL}}),
+          {"type": "object", "additionalProperties": False,
+           "properties": {"ttl_hours": TTL_HOURS}},
+          responses={201: Reply("issued", obj({**_TOKEN_FIELDS, "device_id": STRING}))},
+          errors={404: "no such device"}),
     Route("POST", "/v1/bootstrap-tokens", Role.OPERATOR, create_batch_token,
           "Issue a claim-batch bootstrap token for N new devices of a type (shown once)",
           {"type": "object", "required": ["type", "count"], "additionalProperties": False,
-           "properties": {"type": STRING,
+           "properties": {"type": TYPE_NAME,
                           "count": {"type": "integer", "minimum": 1,
                                     "maximum": MAX_CLAIM_BATCH},
-                          "ttl_hours": TTL, "owner": {"type": ["string", "null"]}}}),
+                          "ttl_hours": TTL_HOURS, "owner": nullable(OWNER)}},
+          responses={201: Reply("issued", obj({**_TOKEN_FIELDS, "device_type": STRING,
+                                               "owner": STRING_OR_NULL}))},
+          errors={404: "no such device type"}),
     Route("DELETE", "/v1/bootstrap-tokens/{token_id}", Role.OPERATOR, revoke_bootstrap_token,
-          "Revoke a bootstrap token"),
+          "Revoke a bootstrap token", responses={204: Reply("revoked")},
+          errors={404: "no active bootstrap token with this id"}),
 )

@@ -6,7 +6,17 @@ from typing import Any
 
 from aiohttp import web
 
-from fleetward.admin.base import STRING, AdminServices, Route, actor, body_bool, json_response
+from fleetward.admin.base import AdminServices, Reply, Route, actor, body_bool, json_response
+from fleetward.admin.schemas import (
+    BOOLEAN,
+    CA_NAME,
+    SHA256_HEX,
+    STRING,
+    TYPE_NAME,
+    items_of,
+    obj,
+    ref,
+)
 from fleetward.ca.setup import register_oem_ca
 from fleetward.model import Operator, Role
 from fleetward.store import cas as ca_rows
@@ -53,12 +63,22 @@ async def register_oem(request: web.Request, svc: AdminServices, op: Operator) -
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/ca", Role.AUDITOR, ca_info, "CAs: ours and registered OEM CAs"),
+    Route("GET", "/v1/ca", Role.AUDITOR, ca_info, "CAs: ours and registered OEM CAs",
+          responses={200: Reply("every CA", items_of(ref("Ca")))}),
     Route("POST", "/v1/ca/oem", Role.ADMIN, register_oem, "Register a trusted OEM CA",
           {"type": "object", "required": ["name", "certificate", "device_type"],
            "additionalProperties": False,
-           "properties": {"name": STRING, "certificate": STRING, "device_type": STRING,
+           "properties": {"name": CA_NAME,
+                          "certificate": {"type": "string",
+                                          "description": "the OEM CA certificate, PEM"},
+                          "device_type": TYPE_NAME,
                           "require_approval": {
                               "type": "boolean",
-                              "description": "new devices wait for an operator's approval"}}}),
+                              "description": "new devices wait for an operator's approval"}}},
+          responses={201: Reply("registered", obj({
+              "name": STRING, "subject": STRING, "fingerprint_sha256": SHA256_HEX,
+              "device_type": STRING, "require_approval": BOOLEAN}))},
+          errors={404: "no such device type",
+                  409: "a CA with this name or certificate is registered",
+                  422: "the certificate is not a CA certificate (basicConstraints cA)"}),
 )

@@ -6,7 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
-from fleetward.admin.base import STRING, AdminServices, Route, actor, json_response, str_list
+from fleetward.admin.base import AdminServices, Reply, Route, actor, json_response, str_list
+from fleetward.admin.schemas import DEVICE_PROFILES, TEXT, TYPE_NAME, items_of, nullable, ref
 from fleetward.model import DeviceType, Operator, Role
 from fleetward.web.problem import read_json, reject_unknown_fields, require_str
 
@@ -34,13 +35,16 @@ async def create_type(request: web.Request, svc: AdminServices, op: Operator) ->
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/device-types", Role.AUDITOR, list_types, "List device types"),
+    Route("GET", "/v1/device-types", Role.AUDITOR, list_types, "List device types",
+          responses={200: Reply("every device type", items_of(ref("DeviceType")))}),
     Route("POST", "/v1/device-types", Role.OPERATOR, create_type, "Create a device type",
           {"type": "object", "required": ["name"], "additionalProperties": False,
-           "properties": {"name": STRING, "description": STRING,
-                          "message_types": {"type": "array", "items": STRING},
-                          "enrollment_profiles": {
-                              "type": "array", "items": STRING,
+           "properties": {"name": TYPE_NAME, "description": nullable(TEXT),
+                          "message_types": nullable({"type": "array", "items": TEXT}),
+                          "enrollment_profiles": nullable({
+                              "type": "array", "items": {"enum": list(DEVICE_PROFILES)},
                               "description": "profiles (EST labels) its devices may enroll "
-                                             "for; default [\"device\"]"}}}),
+                                             "for; default [\"device\"]"})}},
+          responses={201: Reply("created", ref("DeviceType"))},
+          errors={409: "a device type with this name exists"}),
 )

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from fleetward.admin.base import AdminServices, Route, json_response, query_int
-from fleetward.errors import InvalidInput
+from fleetward.admin.base import (
+    LIMIT,
+    MAX_SQL_INT,
+    AdminServices,
+    Param,
+    Reply,
+    Route,
+    json_response,
+    query_int,
+)
+from fleetward.admin.schemas import items_of, ref
 from fleetward.model import Operator, Role
 from fleetward.store import messages as message_rows
 
@@ -15,10 +24,7 @@ MAX_MESSAGES_PAGE = 1000  # messages per admin read
 async def list_device_messages(request: web.Request, svc: AdminServices,
                                op: Operator) -> web.Response:
     device_id = request.match_info["device_id"]
-    limit = query_int(request, "limit", 100)
-    if not 1 <= limit <= MAX_MESSAGES_PAGE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_MESSAGES_PAGE}",
-                           hint="e.g. ?limit=100")
+    limit = query_int(request, "limit", 100, 1, MAX_MESSAGES_PAGE)
     after = query_int(request, "after", 0) if "after" in request.query else None
 
     def load() -> list[message_rows.StoredMessage]:
@@ -34,5 +40,13 @@ async def list_device_messages(request: web.Request, svc: AdminServices,
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/devices/{device_id}/messages", Role.AUDITOR, list_device_messages,
           "A device's stored telemetry and events (SQL sink), oldest first: the newest "
-          "`limit`, or the first `limit` after id `after`", query=("limit", "after")),
+          "`limit`, or the first `limit` after id `after`",
+          query=(Param("limit", {**LIMIT, "maximum": MAX_MESSAGES_PAGE}),
+                 Param("after", {"type": "integer", "minimum": 0, "maximum": MAX_SQL_INT},
+                       "a message id: only newer messages")),
+          responses={200: Reply("messages, oldest first", items_of(
+              ref("Message"), next={"type": ["integer", "null"],
+                                    "description": "?after= to follow: the newest id shown "
+                                                   "(or the given after)"}))},
+          errors={404: "no such device"}),
 )

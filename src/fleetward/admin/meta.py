@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from fleetward import __version__
-from fleetward.admin.base import AdminServices, Route, json_response
+from fleetward.admin.base import AdminServices, Reply, Route, json_response
+from fleetward.admin.schemas import ROLE, STRING, TOKEN_ID, obj
 from fleetward.model import Operator, Role
 
 
@@ -18,6 +19,10 @@ async def whoami(request: web.Request, svc: AdminServices, op: Operator) -> web.
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/health", None, health, "Liveness"),
-    Route("GET", "/v1/whoami", Role.AUDITOR, whoami, "The calling operator and role"),
+    Route("GET", "/v1/health", None, health, "Liveness",
+          responses={200: Reply("the server runs", obj({"status": {"const": "ok"},
+                                                        "version": STRING}))}),
+    Route("GET", "/v1/whoami", Role.AUDITOR, whoami, "The calling operator and role",
+          responses={200: Reply("the token's operator", obj({
+              "name": STRING, "role": ROLE, "token_id": TOKEN_ID}))}),
 )

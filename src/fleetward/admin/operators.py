@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from fleetward.admin.base import STRING, AdminServices, Route, actor, json_response
+from fleetward.admin.base import AdminServices, Reply, Route, actor, json_response
+from fleetward.admin.schemas import ROLE, STRING, TEXT, items_of, obj, ref
 from fleetward.errors import InvalidInput
 from fleetward.model import Operator, Role
 from fleetward.web.problem import read_json, reject_unknown_fields, require_str
@@ -39,11 +40,21 @@ async def revoke_operator(request: web.Request, svc: AdminServices,
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/operators", Role.ADMIN, list_operators, "List operator tokens"),
+    Route("GET", "/v1/operators", Role.ADMIN, list_operators, "List operator tokens",
+          responses={200: Reply("every token, revoked ones included",
+                                items_of(ref("Operator")))}),
     Route("POST", "/v1/operators", Role.ADMIN, create_operator,
           "Create an operator token (shown once)",
           {"type": "object", "required": ["name", "role"], "additionalProperties": False,
-           "properties": {"name": STRING, "role": {"enum": ["admin", "operator", "auditor"]}}}),
+           "properties": {"name": {**TEXT, "minLength": 1, "maxLength": 128},
+                          "role": ROLE}},
+          responses={201: Reply("created", obj({
+              "name": STRING, "role": ROLE,
+              "token": {"type": "string", "pattern": "^fwa_[0-9a-f]{16}\\.[A-Za-z0-9_-]{43}$",
+                        "description": "shown once; stored only as a SHA-256"},
+              "note": STRING}))}),
     Route("DELETE", "/v1/operators/{token_id}", Role.ADMIN, revoke_operator,
-          "Revoke an operator token"),
+          "Revoke an operator token", responses={204: Reply("revoked")},
+          errors={404: "no active operator token with this id",
+                  409: "it is the last active admin token"}),
 )

@@ -6,9 +6,23 @@ from typing import Any
 
 from aiohttp import web
 
-from fleetward.admin.base import STRING, AdminServices, Route, actor, json_response
+from fleetward.admin.base import AdminServices, Param, Reply, Route, actor, json_response
+from fleetward.admin.schemas import (
+    ACTION,
+    DEVICE_ID,
+    POLICY_NAME,
+    SERIAL_INPUT,
+    TEXT,
+    TYPE_NAME,
+    items_of,
+    nullable,
+    obj,
+    ref,
+)
 from fleetward.errors import InvalidInput
 from fleetward.model import Operator, Role
+from fleetward.policy import BUILTIN_POLICIES, QUARANTINE_POLICY_NAME
+from fleetward.registry.policies import MAX_POLICIES_PER_TARGET, MAX_TEST_RESOURCE_BYTES
 from fleetward.web.problem import read_json, reject_unknown_fields, require_str
 
 POLICY_YAML_TYPES = ("application/yaml", "application/x-yaml")
@@ -61,14 +75,26 @@ async def attach_policy(request: web.Request, svc: AdminServices, op: Operator) 
     kind, target = _attachment_target(body, '{"type": "sensor"} or {"device": "dev-1"}')
     name = request.match_info["name"]
     created = await svc.run(svc.policies.attach, name, kind, target, actor(op))
-    return json_response({"policy": name, "kind": kind, "target": target, "changed": created},
+    return json_response(await _attachment_result(svc, name, kind, target, created),
                          201 if created else 200)
 
 
 async def detach_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
     kind, target = _attachment_target(dict(request.query), "?type=sensor or ?device=dev-1")
-    await svc.run(svc.policies.detach, request.match_info["name"], kind, target, actor(op))
-    return web.Response(status=204)
+    name = request.match_info["name"]
+    await svc.run(svc.policies.detach, name, kind, target, actor(op))
+    return json_response(await _attachment_result(svc, name, kind, target, True))
+
+
+async def _attachment_result(svc: AdminServices, name: str, kind: str, target: str,
+                             changed: bool) -> dict[str, Any]:
+    """What an attach or detach answers: the change, the policies that now apply to the
+    target (``PolicyService.effective``) and warnings, such as devices that lost
+    mqtt:connect when a deny-only policy replaced the built-in default."""
+    effective = await svc.run(svc.policies.effective, kind, target)
+    return {"policy": name, "kind": kind, "target": target, "changed": changed,
+            "effective": effective.to_json(),
+            "warnings": [w.to_json() for w in effective.warnings]}
 
 
 async def explain_policy(request: web.Request, svc: AdminServices, op: Operator) -> web.Response:
@@ -82,44 +108,82 @@ async def explain_policy(request: web.Request, svc: AdminServices, op: Operator)
     return json_response(result)
 
 
+
+
+def _name_except(*excluded: str) -> Param:
+    """The {name} parameter without ``excluded``: "test" on /v1/policies/{name} (the
+    document lists /v1/policies/test as a path of its own, where POST explains and GET,
+    PUT and DELETE address the policy named "test"), and the built-in names where PUT,
+    DELETE and attach refuse them (422)."""
+    names = sorted(excluded)
+    return Param("name", {
+        **POLICY_NAME,
+        "pattern": "^(?!(?:" + "|".join(names) + ")$)" + POLICY_NAME["pattern"][1:],
+        "description": f"policy name, not {', '.join(names)}"})
+
+
+_NAME = _name_except("test")
+_NOT_BUILTIN = _name_except("test", *BUILTIN_POLICIES)
+_ATTACHMENT_TARGETS = [obj({"type": TYPE_NAME}, description="a device type"),
+                       obj({"device": DEVICE_ID}, description="a device")]
+# What _attachment_result answers: the change, the policies that now apply, warnings.
+_ATTACHMENT_RESULT = ref("AttachmentChange")
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/policies", Role.AUDITOR, list_policies,
-          "List policies (built-in ones included) and where they are attached"),
+          "List policies (built-in ones included) and where they are attached",
+          responses={200: Reply("every policy, by name", items_of(ref("PolicySummary")))}),
     Route("POST", "/v1/policies/test", Role.AUDITOR, explain_policy,
           "Explain a policy decision for a device (read-only: changes nothing)",
           {"type": "object", "required": ["device_id", "action", "resource"],
            "additionalProperties": False,
-           "properties": {"device_id": STRING,
-                          "action": {"type": "string",
-                                     "description": "e.g. mqtt:publish, http:GET"},
-                          "resource": {"type": "string",
+           "properties": {"device_id": DEVICE_ID,
+                          "action": {**ACTION, "description": "e.g. mqtt:publish, http:GET"},
+                          "resource": {**TEXT, "minLength": 1,
+                                       "maxLength": MAX_TEST_RESOURCE_BYTES,
                                        "description": "topic, topic filter (subscribe), "
                                                       "client id (connect), request path "
-                                                      "without '/' (http)"},
-                          "cert_serial": {"type": "string",
-                                          "description": "hex, for ${cert.serial}"}}}),
+                                                      "without '/' (http); at most "
+                                                      f"{MAX_TEST_RESOURCE_BYTES} UTF-8 "
+                                                      "bytes"},
+                          "cert_serial": nullable({**SERIAL_INPUT,
+                                                   "description": "hex, for ${cert.serial}"})}},
+          responses={200: Reply("the decision and what matched", ref("PolicyExplanation"))},
+          errors={404: "no such device"}),
     Route("GET", "/v1/policies/{name}", Role.AUDITOR, get_policy,
-          "Show a policy: document, version, attachments"),
+          "Show a policy: document, version, attachments",
+          responses={200: Reply("the policy", ref("Policy"))},
+          errors={400: "not a policy name", 404: "no such policy"}, path_params=(_NAME,)),
     Route("PUT", "/v1/policies/{name}", Role.ADMIN, put_policy,
           "Create or replace a policy (JSON body, or YAML with Content-Type "
-          "application/yaml); 201 when created",
-          {"type": "object", "required": ["statements"], "additionalProperties": False,
-           "properties": {
-               "version": {"enum": ["2026-11"]},
-               "statements": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
-                   "type": "object", "required": ["effect", "actions", "resources"],
-                   "additionalProperties": False,
-                   "properties": {"sid": STRING, "effect": {"enum": ["allow", "deny"]},
-                                  "actions": {"type": "array", "items": STRING},
-                                  "resources": {"type": "array", "items": STRING,
-                                                "maxItems": 100}}}}}}),
+          "application/yaml); 201 when created", ref("PolicyDocument"),
+          responses={200: Reply("replaced (version + 1)", ref("Policy")),
+                     201: Reply("created (version 1)", ref("Policy"))},
+          errors={422: "a built-in policy cannot be replaced"},
+          path_params=(_NOT_BUILTIN,),
+          body_types=("application/json", *POLICY_YAML_TYPES)),
     Route("DELETE", "/v1/policies/{name}", Role.ADMIN, delete_policy,
-          "Delete a policy that is not attached anywhere"),
+          "Delete a policy that is not attached anywhere",
+          responses={204: Reply("deleted")},
+          errors={400: "not a policy name", 404: "no such policy",
+                  409: "it is attached somewhere (`attachments` lists where)",
+                  422: "a built-in policy cannot be deleted"},
+          path_params=(_NOT_BUILTIN,)),
     Route("POST", "/v1/policies/{name}/attachments", Role.ADMIN, attach_policy,
           "Attach a policy to a device type or a device (idempotent; 201 when new)",
-          {"type": "object", "additionalProperties": False,
-           "properties": {"type": STRING, "device": STRING},
-           "description": "exactly one of type, device"}),
+          {"oneOf": _ATTACHMENT_TARGETS, "description": "exactly one of type, device"},
+          responses={200: Reply("it already was attached there", _ATTACHMENT_RESULT),
+                     201: Reply("attached", _ATTACHMENT_RESULT)},
+          errors={404: "no such policy, device type or device",
+                  422: f"the quarantine policy (it applies by itself), or the target has "
+                       f"{MAX_POLICIES_PER_TARGET} policies already"},
+          path_params=(_name_except(QUARANTINE_POLICY_NAME),)),
     Route("DELETE", "/v1/policies/{name}/attachments", Role.ADMIN, detach_policy,
-          "Detach a policy from ?type=T or ?device=D", query=("type", "device")),
+          "Detach a policy from ?type=T or ?device=D; answers with the policies that now "
+          "apply there and warnings",
+          query=(Param("target", {"oneOf": _ATTACHMENT_TARGETS},
+                       "exactly one of ?type=T or ?device=D (no other parameter)",
+                       required=True),),
+          responses={200: Reply("detached", _ATTACHMENT_RESULT)},
+          errors={404: "the policy is not attached there"}),
 )

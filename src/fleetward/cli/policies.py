@@ -161,7 +161,9 @@ def policy_detach(name: str, type_name: PolicyType = None, device: PolicyDevice 
 def _print_effective(result: dict[str, Any]) -> None:
     """What now applies to the attachment's target (the server's ``effective``), and its
     warnings on stderr, e.g. a type whose devices lost mqtt:connect."""
-    effective = result["effective"]
+    effective = result.get("effective")
+    if not isinstance(effective, dict):  # a server from before the effective set
+        return
     if effective["kind"] == "type":
         who = f"devices of type {effective['target']} without policies of their own"
     else:
@@ -179,7 +181,7 @@ def _print_effective(result: dict[str, Any]) -> None:
     if effective["quarantined"]:
         out.print(f"device {effective['target']} is quarantined: only the quarantine "
                   "policy applies until it is released", markup=False, highlight=False)
-    for warning in result["warnings"]:
+    for warning in result.get("warnings") or []:
         warn(warning["message"], warning["hint"])
 
 

@@ -15,6 +15,7 @@ from fleetward.model.lifecycle import LifecycleState
 # levels, so they must not contain '/', '+', '#', whitespace or URI-reserved characters.
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 TYPE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_SERIAL_TEXT = re.compile(r"[0-9a-f:]*[0-9a-f][0-9a-f:]*")
 
 
 def validate_device_id(device_id: str) -> str:
@@ -136,9 +137,21 @@ def format_serial(serial: int) -> str:
 
 
 def parse_serial(text: str) -> int:
-    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    """A serial as operators paste it: hex, upper or lower case, with an optional 0x and
+    colons between digits (``openssl x509 -text``), as the OpenAPI document states.
+
+    Raises:
+        InvalidInput: anything else (``int()`` alone would also take "+1f" and "1_f"),
+            or zero.
+    """
+    cleaned = text.strip().lower().removeprefix("0x")
+    if not _SERIAL_TEXT.fullmatch(cleaned):
+        raise InvalidInput(
+            f"invalid certificate serial {text!r}",
+            hint="give the serial in hex, as `openssl x509 -noout -serial` prints it",
+        )
     try:
-        value = int(cleaned, 16)
+        value = int(cleaned.replace(":", ""), 16)
     except ValueError:
         raise InvalidInput(
             f"invalid certificate serial {text!r}",

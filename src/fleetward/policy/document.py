@@ -68,6 +68,7 @@ WILDCARD_ACTIONS: dict[str, tuple[str, ...]] = {"mqtt:*": MQTT_ACTIONS,
                                                 "http:*": HTTP_ACTIONS}
 VARIABLES = ("device.id", "device.type", "device.owner", "cert.serial")
 _VARIABLE_START = "${"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Effect(enum.StrEnum):
@@ -207,6 +208,8 @@ def load_text(text: str | bytes, fmt: str | None = None) -> Any:
             raise InvalidInput(f"the policy document is not valid JSON: {exc}",
                                hint="check the line and column named; or send YAML with "
                                     "Content-Type: application/yaml") from None
+        except RecursionError:
+            raise _too_deep() from None
     if fmt == "yaml":
         try:
             return yaml.load(decoded, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
@@ -214,7 +217,16 @@ def load_text(text: str | bytes, fmt: str | None = None) -> Any:
             raise InvalidInput(f"the policy document is not valid YAML: {_yaml_reason(exc)}",
                                hint="check the indentation and quoting near the line "
                                     "named") from None
+        except RecursionError:
+            raise _too_deep() from None
     raise InvalidInput(f"unknown document format {fmt!r}", hint="use json or yaml")
+
+
+def _too_deep() -> InvalidInput:
+    # 64 KiB of '[' is nesting far beyond what the parsers recurse into (was a 500).
+    return InvalidInput("the policy document is nested too deeply",
+                        hint='a document is flat: {"statements": [{"effect": "allow", '
+                             '"actions": [...], "resources": [...]}]}')
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
@@ -371,6 +383,11 @@ def validate_resource(resource: str, *, where: str = "resource", http: bool = Fa
     if len(resource.encode("utf-8", "surrogatepass")) > MAX_RESOURCE_BYTES:
         raise InvalidInput(f"{where}: a resource is longer than {MAX_RESOURCE_BYTES} bytes",
                            hint="use wildcards ('+', '#') instead of long literal lists")
+    if _SURROGATE.search(resource):
+        # A JSON "\\udc00" escape: no topic can hold it (MQTT 5.0 §1.5.4, UTF-8 only).
+        raise InvalidInput(f"{where}: a resource holds an unpaired surrogate",
+                           hint="resources are UTF-8 text; \\ud800-\\udfff escapes must "
+                                "come in pairs")
     # A placeholder without '/', '+' or '#' stands in for any usable variable value.
     filled = "".join("v" if is_var else text for is_var, text in template_parts(resource))
     try:

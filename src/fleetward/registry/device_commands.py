@@ -44,7 +44,8 @@ log = structlog.get_logger("fleetward.commands")
 
 CommandListener = Callable[[str, dict[str, Any]], None]  # (device id, device JSON)
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+# A command name is one MQTT topic level (devices/<id>/commands/<name>), no wildcards.
+COMMAND_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 MAX_TTL_SECONDS = 30 * 24 * 3600  # a command older than a month is a stale order, not a plan
 MAX_LIST_LIMIT = 1000  # rows per admin listing
 # A delivered, unanswered command is offered to the long-poll again after this long: the
@@ -140,7 +141,7 @@ class DeviceCommandService:
         Returns:
             The stored command (status ``pending``).
         """
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not COMMAND_NAME_PATTERN.fullmatch(name):
             raise InvalidInput(f"invalid command name {str(name)[:80]!r}",
                                hint="1-64 characters of a-z 0-9 _ . -, starting with a "
                                     "letter or digit, e.g. reboot or set-interval")
