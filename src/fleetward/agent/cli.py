@@ -24,21 +24,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import structlog
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperCommand, TyperGroup, TyperOption
-from typer.models import CommandFunctionType
 
-from fleetward import __version__
 from fleetward.agent.enroll import EnrollOptions, Pkcs11Options, enroll
 from fleetward.agent.errors import EnrollmentPending
 from fleetward.agent.est_client import parse_fingerprint
@@ -54,6 +49,7 @@ from fleetward.agent.state import (
 )
 from fleetward.agent.telemetry import DEFAULT_MESSAGE_TYPE, make_source
 from fleetward.errors import FleetwardError, InvalidInput
+from fleetward.terminal import App, console, version_option
 
 TOKEN_ENV = "FLEETWARD_BOOTSTRAP_TOKEN"
 EXIT_ERROR = 1
@@ -61,40 +57,13 @@ EXIT_PENDING = 3  # enrollment accepted, waiting for an operator: run the comman
 
 
 
-def _plain_flags(params: list[Any]) -> list[Any]:
-    """Typer's Rich help prints a value type after every option, so a flag read
-    ``--force <bool>`` as if it took a value; an empty metavar prints none. (The admin
-    CLI has the same in ``fleetward.cli.common``; the agent imports none of it.)"""
-    for param in params:
-        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
-            param.metavar = ""
-    return params
-
-
-class _Command(TyperCommand):
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
-
-
-class _Group(TyperGroup):
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
-
-
-class _App(typer.Typer):
-    def command(self, name: str | None = None, **kwargs: Any
-                ) -> Callable[[CommandFunctionType], CommandFunctionType]:
-        kwargs.setdefault("cls", _Command)
-        return super().command(name, **kwargs)
-
-
-app = _App(help="Fleetward device agent: enroll, keep the device certificate fresh, send "
+app = App(help="Fleetward device agent: enroll, keep the device certificate fresh, send "
                 "telemetry and answer commands over MQTT or HTTPS.",
-           no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group)
+          no_args_is_help=True, pretty_exceptions_enable=False)
 # soft_wrap: a message is one line in a log or a pipe, not cut at 80 columns.
 # emoji=False: Rich would print the fingerprint "3B:AB:C7" as "3B🆎C7".
-out = Console(soft_wrap=True, emoji=False)
-err = Console(stderr=True, soft_wrap=True, emoji=False)
+out = console()
+err = console(stderr=True)
 
 
 def parse_fraction(value: str | float) -> float:
@@ -161,16 +130,8 @@ def read_token(token: str | None, token_file: Path | None) -> str:
                             "the operator creates one with the admin API or CLI")
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"fleetward {__version__}\n")
-        raise typer.Exit()
-
-
 @app.callback()
-def _quiet_by_default(version: Annotated[bool, typer.Option(
-        "--version", is_eager=True, callback=_print_version,
-        help="print the version and exit")] = False) -> None:
+def _quiet_by_default(version: bool = version_option()) -> None:
     # One-shot commands report on stdout themselves; their logs only matter when
     # something needs attention. `run` raises the level to info.
     configure_logging(logging.WARNING)

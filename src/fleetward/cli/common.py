@@ -16,28 +16,28 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperCommand, TyperGroup, TyperOption
-from typer.models import CommandFunctionType
 
 from fleetward.cli.client import AdminClient, resolve_connection
 from fleetward.errors import FleetwardError, InvalidInput
 from fleetward.model import validate_device_id
+from fleetward.terminal import App, console
+
+__all__ = ["App", "err", "fail", "out", "warn"]
 
 # emoji=False: ':ab:' inside a fingerprint is not an emoji code. soft_wrap: a status
 # line stays one line, never broken inside a serial or a path.
-out = Console(emoji=False, soft_wrap=True)
-err = Console(stderr=True, emoji=False, soft_wrap=True)
+out = console()
+err = console(stderr=True)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="FLEETWARD_DATA_DIR",
                                               help="data directory (on the server host)")]
@@ -51,39 +51,6 @@ TtlHours = Annotated[int | None, typer.Option("--ttl-hours", min=1,
 Reason = Annotated[str, typer.Option("--reason", help="why; goes into the audit log")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q",
                                      help="print only the result on stdout, nothing on stderr")]
-
-
-def _plain_flags(params: list[Any]) -> list[Any]:
-    """Typer's Rich help prints a value type after every option, so a flag read
-    ``--json <bool>`` as if it took a value; an empty metavar prints none."""
-    for param in params:
-        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
-            param.metavar = ""
-    return params
-
-
-class _Command(TyperCommand):
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
-
-
-class _Group(TyperGroup):
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
-
-
-class App(typer.Typer):
-    """``typer.Typer`` whose commands and groups show flags without a value type
-    (``--json``, not ``--json <bool>``), ``--help`` and ``--version`` included."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("cls", _Group)
-        super().__init__(**kwargs)
-
-    def command(self, name: str | None = None, **kwargs: Any
-                ) -> Callable[[CommandFunctionType], CommandFunctionType]:
-        kwargs.setdefault("cls", _Command)
-        return super().command(name, **kwargs)
 
 
 def fail(exc: FleetwardError, code: int = 1) -> NoReturn:

@@ -7,12 +7,6 @@ admin URL, token and CA chain are read from it), otherwise ``--admin-url`` with
 
 from __future__ import annotations
 
-import sys
-from typing import Annotated
-
-import typer
-
-from fleetward import __version__
 from fleetward.cli import (
     audit,
     cas,
@@ -26,22 +20,17 @@ from fleetward.cli import (
     tokens,
 )
 from fleetward.cli.common import App
+from fleetward.terminal import version_option
 
 app = App(help="Fleetward: device identity, CA and lifecycle for IoT fleets.",
           no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"fleetward {__version__}\n")
-        raise typer.Exit()
-
-
 @app.callback()
-def _options(version: Annotated[bool, typer.Option(
-        "--version", is_eager=True, callback=_print_version,
-        help="print the version and exit")] = False) -> None:
+def _options(version: bool = version_option()) -> None:
     pass
+
+
 app.add_typer(devices.app, name="device")
 app.add_typer(device_types.app, name="type")
 app.add_typer(certs.app, name="cert")
