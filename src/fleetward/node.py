@@ -47,7 +47,6 @@ from fleetward.clock import Clock, SystemClock
 from fleetward.config import (
     IMPORT_PASSPHRASE_ENV,
     PIN_ENV,
-    PIN_FILE_ENV,
     DataDirLayout,
     ListenerConfig,
     Settings,
@@ -61,11 +60,11 @@ from fleetward.crypto.signer import (
     FileSigner,
     Signer,
     load_signer,
-    read_passphrase,
     write_encrypted_key,
     write_private_file,
 )
 from fleetward.crypto.x509util import load_certificate
+from fleetward.datadir_secrets import audit_key, ca_passphrase, pkcs11_pin
 from fleetward.edge.channel import LiveConnections, MessageSink
 from fleetward.edge.device import build_device_app
 from fleetward.edge.device_api import DeviceApi
@@ -133,39 +132,6 @@ def configure_logging(level: str = "info") -> None:
     )
 
 
-# --- secrets --------------------------------------------------------------------------
-
-
-def _pin(settings: Settings) -> str | None:
-    if os.environ.get(PIN_ENV):
-        return os.environ[PIN_ENV]
-    path = os.environ.get(PIN_FILE_ENV) or settings.ca.pkcs11_pin_file
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read the PKCS#11 PIN file {path}: {exc}") from exc
-    return None
-
-
-def _passphrase(layout: DataDirLayout) -> bytes:
-    return read_passphrase(os.environ, layout.passphrase_file)
-
-
-def _audit_key(layout: DataDirLayout) -> bytes:
-    try:
-        key = layout.audit_key_file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigurationError(f"audit key {layout.audit_key_file} is missing",
-                                 hint="restore it from backup; without it the audit log "
-                                      "cannot be extended or verified") from None
-    try:
-        return bytes.fromhex(key.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ConfigurationError(f"audit key {layout.audit_key_file} is not hex text",
-                                 hint="restore the file from backup") from None
-
-
 def write_admin_url(layout: DataDirLayout, listeners: ListenerConfig) -> None:
     """Where CLI commands on this host find the admin API. Loopback and wildcard binds are
     named ``localhost``, the name the server certificate always carries."""
@@ -220,8 +186,8 @@ def initialise(data_dir: Path, *, hostnames: list[str], organization: str,
         write_private_file(layout.passphrase_file, secrets.token_urlsafe(32).encode())
     if not layout.audit_key_file.exists():
         write_private_file(layout.audit_key_file, secrets.token_hex(32).encode())
-    passphrase = _passphrase(layout)
-    audit = AuditLog(_audit_key(layout), clock)
+    passphrase = ca_passphrase(layout)
+    audit = AuditLog(audit_key(layout), clock)
     now = clock.now()
 
     db = Database(database_url or settings.database_url)
@@ -286,7 +252,7 @@ def _new_ca_signers(layout: DataDirLayout, settings: Settings,
         return (FileSigner.create(layout.ca_key_file(ROOT_NAME), passphrase),
                 FileSigner.create(layout.ca_key_file(ISSUING_NAME), passphrase))
     if ca.key_backend == "pkcs11":
-        pin = _pin(settings)
+        pin = pkcs11_pin(settings)
         if not (ca.pkcs11_module and ca.pkcs11_token_label and pin):
             raise ConfigurationError(
                 "the pkcs11 backend needs --pkcs11-module, --pkcs11-token-label and a PIN",
@@ -340,11 +306,11 @@ class Node:
             settings = replace(settings, listeners=listeners)
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.passphrase = _passphrase(self.layout)
-        self.audit = AuditLog(_audit_key(self.layout), self.clock)
+        self.passphrase = ca_passphrase(self.layout)
+        self.audit = AuditLog(audit_key(self.layout), self.clock)
         self.db = Database(settings.database_url)
         self.db.migrate()
-        pin = _pin(settings)
+        pin = pkcs11_pin(settings)
 
         def open_signer(key_ref: Any) -> Signer | None:
             try:

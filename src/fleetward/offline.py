@@ -10,20 +10,24 @@ when one of these commands runs; like ``node.py`` it may build concrete stores.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import getpass
 import os
 import secrets
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from fleetward.audit import AuditLog
 from fleetward.ca import Authority
@@ -38,9 +42,9 @@ from fleetward.ca.setup import (
 from fleetward.clock import Clock, SystemClock
 from fleetward.config import DataDirLayout, Settings, load_settings
 from fleetward.crypto.signer import load_signer, write_encrypted_key
-from fleetward.errors import ConfigurationError
+from fleetward.datadir_secrets import audit_key, ca_passphrase, pkcs11_pin
+from fleetward.errors import ConfigurationError, StorageError
 from fleetward.model import AuditEvent, format_serial
-from fleetward.node import _audit_key, _passphrase, _pin
 from fleetward.store import Database
 from fleetward.store import cas as ca_rows
 from fleetward.store import certificates as cert_rows
@@ -71,9 +75,13 @@ def local_actor() -> str:
 def verify_audit(data_dir: Path) -> dict[str, Any]:
     """Verify the audit chain straight from the database with the data directory's key.
 
-    Nothing is written: SQLite is opened read-only, no migration runs, and no audit row
-    records the check (it must not change the evidence it reads). The report has the
-    shape of ``GET /v1/audit/verify``.
+    The database is not changed: SQLite is opened read-only (``mode=ro``; like any reader
+    of a WAL database it may create the ``-shm``/``-wal`` companion files), PostgreSQL in
+    a READ ONLY transaction; no migration runs and no audit row records the check (it must
+    not change the evidence it reads). When SQLite cannot be opened in place (a read-only
+    copy of a seized data directory, without its ``-shm`` file), a private copy of the
+    database and its WAL is verified instead. The report has the shape of
+    ``GET /v1/audit/verify``.
 
     Raises:
         ConfigurationError: not a data directory, the database or the audit key is
@@ -82,27 +90,58 @@ def verify_audit(data_dir: Path) -> dict[str, Any]:
     """
     layout = _initialised(data_dir)
     settings = load_settings(data_dir)
-    key = _audit_key(layout)
-    db = Database(_read_only_url(settings.database_url))
+    key = audit_key(layout)
+    url = settings.database_url
+    try:
+        sqlite_file = _sqlite_file(url)
+        if sqlite_file is None:
+            return _verify_at(url, key)
+        try:
+            return _verify_at(_read_only_url(sqlite_file), key)
+        except StorageError:
+            if os.access(sqlite_file.parent, os.W_OK):
+                raise
+        with tempfile.TemporaryDirectory(prefix="fleetward-verify-") as scratch:
+            copy = Path(scratch) / sqlite_file.name
+            for suffix in ("", "-wal"):
+                source = sqlite_file.with_name(sqlite_file.name + suffix)
+                if source.exists():
+                    shutil.copyfile(source, copy.with_name(copy.name + suffix))
+            return _verify_at(_read_only_url(copy), key)
+    except (ArgumentError, SQLAlchemyError, OSError) as exc:
+        raise StorageError(f"cannot read the audit log: {type(exc).__name__}",
+                           hint="check [database] url in fleetward.toml or "
+                                "FLEETWARD_DATABASE_URL, and that the database is "
+                                "readable by this user") from exc
+
+
+def _verify_at(url: str, key: bytes) -> dict[str, Any]:
+    db = Database(url)
     try:
         with db.read() as conn:
+            if db.dialect == "postgresql":
+                conn.execute(text("SET TRANSACTION READ ONLY"))
             return AuditLog(key, SystemClock()).verify(conn).to_json()
     finally:
         db.dispose()
 
 
-def _read_only_url(url: str) -> str:
-    """SQLite: the same file through a ``mode=ro`` URI (and it must exist: opening would
-    otherwise create an empty database that "verifies"). Other databases: unchanged."""
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (it must exist: opening would otherwise create
+    an empty database that "verifies"); None for other databases."""
     parsed = make_url(url)
     if not parsed.drivername.startswith("sqlite"):
-        return url
+        return None
     path = Path(parsed.database or "")
     if not parsed.database or not path.is_file():
         raise ConfigurationError(f"no database at {path}",
                                  hint="pass the data directory `fleetward init` created; "
                                       "[database] url in fleetward.toml names any other")
-    return f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true"
+    return path.resolve()
+
+
+def _read_only_url(path: Path) -> str:
+    return f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
 
 
 # --- server certificate ---------------------------------------------------------------
@@ -138,25 +177,35 @@ def reissue_server_certificate(data_dir: Path, hostnames: list[str] | None, *,
             (reason ``superseded``, RFC 5280 §5.3.1) this long from now by the server's
             supersede sweep; zero revokes it now, in the same transaction.
 
-    The certificate, the supersession and the audit events commit together; the key and
-    certificate files are replaced (each atomically) after the commit, so a failure
-    leaves the old pair in place. A running server keeps presenting the certificate it
-    loaded until it restarts.
+    The certificate, the supersession and the audit events commit together. The new key
+    and certificate are written to staged files (0600 key, fsynced) before the commit and
+    moved into place after it, the key last but restored if the certificate cannot
+    follow, so the two files always match. A running server keeps presenting the
+    certificate it loaded until it restarts. One reissue runs at a time (a lock file in
+    ``certs/``).
 
     Raises:
         ConfigurationError, KeyUnavailable: not a data directory, secrets or the issuing
-            CA's key cannot be opened.
+            CA's key cannot be opened, the files cannot be written, another reissue runs.
         InvalidInput: a host name is not valid.
     """
     layout = _initialised(data_dir)
+    with _reissue_lock(layout):
+        return _reissue(layout, data_dir, hostnames, revoke_previous_after, actor, clock)
+
+
+def _reissue(layout: DataDirLayout, data_dir: Path, hostnames: list[str] | None,
+             revoke_previous_after: dt.timedelta, actor: str, clock: Clock | None
+             ) -> Reissued:
     settings = load_settings(data_dir)
     previous = current_server_certificate(layout)
     extra = list(hostnames) if hostnames else (extra_server_names(previous) if previous else [])
     check_server_names(extra)
     clock = clock or SystemClock()
-    passphrase = _passphrase(layout)
-    audit = AuditLog(_audit_key(layout), clock)
+    passphrase = ca_passphrase(layout)
+    audit = AuditLog(audit_key(layout), clock)
     db = Database(settings.database_url)
+    staged: list[Path] = []
     try:
         db.migrate()  # as serve would: a newer Fleetward may bring new migrations
         authority = _authority(db, settings, passphrase, clock, audit)
@@ -178,9 +227,22 @@ def reissue_server_certificate(data_dir: Path, hostnames: list[str] | None, *,
                 details={"serial": record.serial_hex, "names": list(names),
                          "previous_serial": format_serial(superseded) if superseded else None,
                          "previous_revoked_at": revoke_at.isoformat() if superseded else None}))
-        _replace_key(layout.server_key_file, key, passphrase)
-        _replace_text(layout.server_cert_file, record.pem + authority.issuing.pem)
+            # Staged inside the transaction: a file that cannot be written rolls it back.
+            staged_key = _stage(layout.server_key_file, staged)
+            write_encrypted_key(staged_key, key, passphrase)  # 0600 from the start
+            _fsync(staged_key)
+            staged_cert = _stage(layout.server_cert_file, staged)
+            staged_cert.write_text(record.pem + authority.issuing.pem)
+            _fsync(staged_cert)
+        _install(staged_cert, layout.server_cert_file, staged_key, layout.server_key_file)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write the new server certificate or key: {exc.strerror or exc}",
+            hint="free space or fix the permissions of the data directory, then run the "
+                 "command again; the server keeps its current certificate") from exc
     finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
         db.dispose()
     return Reissued(record.serial_hex, names, record.not_after, layout.server_cert_file,
                     format_serial(superseded) if superseded else None,
@@ -201,22 +263,66 @@ def _authority(db: Database, settings: Settings, passphrase: bytes, clock: Clock
     if issuing is None or not issuing.key_ref or ISSUING_NAME not in handles:
         raise ConfigurationError("this data directory has no issuing CA with a key",
                                  hint="run `fleetward init` first")
-    signer = load_signer(issuing.key_ref, passphrase, _pin(settings))
+    signer = load_signer(issuing.key_ref, passphrase, pkcs11_pin(settings))
     handles[ISSUING_NAME] = replace(handles[ISSUING_NAME], signer=signer)
     return Authority(handles, ISSUING_NAME, settings.ca, settings.listeners.public_url, clock,
                      audit)
 
 
-def _replace_key(path: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes) -> None:
-    staged = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    write_encrypted_key(staged, key, passphrase)  # 0600 from the start
-    os.replace(staged, path)
+def _stage(path: Path, staged: list[Path]) -> Path:
+    staged_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    staged.append(staged_path)
+    return staged_path
 
 
-def _replace_text(path: Path, text: str) -> None:
-    staged = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    staged.write_text(text)
-    os.replace(staged, path)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(staged_cert: Path, cert_file: Path, staged_key: Path, key_file: Path) -> None:
+    """Move the staged certificate, then the key, into place; if the key cannot follow,
+    the old certificate is put back, so the two files never belong to different pairs."""
+    backup = cert_file.with_name(f".{cert_file.name}.previous")
+    had_cert = cert_file.exists()
+    if had_cert:
+        shutil.copy2(cert_file, backup)
+    try:
+        os.replace(staged_cert, cert_file)
+        try:
+            os.replace(staged_key, key_file)
+        except OSError:
+            if had_cert:
+                os.replace(backup, cert_file)
+            raise
+    finally:
+        backup.unlink(missing_ok=True)
+    for folder in {cert_file.parent, key_file.parent}:  # the renames outlive a crash
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _reissue_lock(layout: DataDirLayout) -> Iterator[None]:
+    lock_file = layout.certs / ".reissue.lock"
+    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError("another `fleetward ca reissue-server-cert` is running "
+                                     "on this data directory",
+                                     hint="wait for it to finish, then check "
+                                          "certs/server.pem") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- init run again -------------------------------------------------------------------

@@ -155,7 +155,12 @@ def _try_bind(item: Port) -> OSError | None:
     try:
         for family, kind, proto, _name, address in dict.fromkeys(
                 (i[0], i[1], i[2], i[3], i[4]) for i in infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                # e.g. IPv6 disabled in the kernel: asyncio's create_server skips such
+                # an address family too (base_events.create_server, "socket.error").
+                continue
             opened.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:

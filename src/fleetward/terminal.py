@@ -2,9 +2,12 @@
 ``fleetward-agent`` (the agent imports nothing else from the server side).
 
 * ``console()``: emoji codes off (Rich printed the fingerprint ``3B:AB:C7`` as
-  ``3B🆎C7``) and soft wrap on (a status line stays one line in a log or a pipe, never
-  broken inside a serial or a path). Dynamic values are still escaped or printed as
-  ``Text`` by the callers: Rich reads ``[bold]`` in a device id as markup.
+  ``3B🆎C7``), soft wrap on (a status line stays one line in a log or a pipe, never
+  broken inside a serial or a path), and control characters in printed strings shown as
+  escapes (a certificate subject with ESC sequences must not repaint the operator's
+  terminal; Rich's ``Text`` strips only BEL, BS, VT, FF and CR). Dynamic values are still
+  escaped or printed as ``Text`` by the callers: Rich reads ``[bold]`` in a device id as
+  markup. ``printable()`` is the same rule for ``Text`` the callers build.
 * ``App``: a ``typer.Typer`` whose help shows flags without a value placeholder
   (``--json``, not ``--json <bool>``), ``--help`` included.
 * ``version_option``: the ``--version`` flag of a root command.
@@ -24,8 +27,24 @@ from typer.models import CommandFunctionType
 from fleetward import __version__
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character but the newline as a ``\\x..`` /
+    ``\\u....`` escape (terminal escape sequences, bidi overrides, NUL)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\n" else
+                   (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+                   for ch in text)
+
+
+class _Console(Console):
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects),
+                      **kwargs)
+
+
 def console(*, stderr: bool = False) -> Console:
-    return Console(stderr=stderr, emoji=False, soft_wrap=True)
+    return _Console(stderr=stderr, emoji=False, soft_wrap=True)
 
 
 def _plain_flags(params: list[Any]) -> list[Any]:

@@ -364,6 +364,8 @@ def test_cli_attach_and_detach_print_what_applies_and_warn(server: RunningServer
     (["cert", "list", "--device", "a/../../v1/operators"], "device id"),
     (["device", "show", "../operators"], "device id"),
     (["device", "disable", "x/../../operators"], "device id"),
+    (["operator", "revoke", "../policies/prod"], "invalid operator token id"),
+    (["token", "revoke", "../operators/0123456789abcdef"], "invalid bootstrap token id"),
 ])
 def test_ids_are_checked_before_they_become_url_path_segments(
         args: list[str], needle: str) -> None:

@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
+import shutil
 import socket
 import sqlite3
 import ssl
@@ -28,8 +30,17 @@ import pytest
 from cryptography import x509
 from sqlalchemy import create_engine, text
 
+from fleetward.errors import ConfigurationError
 from fleetward.model import format_serial
-from tests.conftest import FLEETWARD, RunningServer, free_port, start_server, stop_server
+from fleetward.offline import reissue_server_certificate
+from tests.conftest import (
+    FLEETWARD,
+    RunningServer,
+    free_port,
+    need_service,
+    start_server,
+    stop_server,
+)
 
 REISSUED = "ca.server_certificate_reissued"
 
@@ -438,3 +449,81 @@ def test_reissue_on_a_directory_that_was_never_initialised_says_so(tmp_path: Pat
     assert result.returncode == 1
     assert "is not a Fleetward data directory" in flat(result.stderr)
     assert not (tmp_path / "none").exists()
+
+
+def test_audit_verify_reads_a_read_only_copy_of_a_seized_data_dir(tmp_path: Path) -> None:
+    """A forensic copy on read-only media, without SQLite's -shm file (``mode=ro`` alone
+    cannot open a WAL database there): verified through a private copy, the evidence
+    untouched. The media is a tmpfs remounted read-only (root ignores file modes)."""
+    data_dir = tmp_path / "data"
+    assert fleetward("init", "--data-dir", str(data_dir)).returncode == 0
+    rows = audit_rows(data_dir)
+    media = tmp_path / "media"
+    media.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(media)],
+                      capture_output=True).returncode != 0:
+        need_service("mount (root) for a read-only tmpfs")
+    try:
+        copy = media / "data"
+        shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("*-shm"))
+        subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        before = snapshot(copy) | {"db": (copy / "fleetward.db").read_bytes()}
+        result = fleetward("audit", "verify", "--data-dir", str(copy))
+        assert result.returncode == 0, result.stderr
+        assert f"audit chain OK: {rows} rows verified" in flat(result.stdout)
+        assert snapshot(copy) | {"db": (copy / "fleetward.db").read_bytes()} == before
+    finally:
+        subprocess.run(["umount", str(media)], check=True)
+
+
+def _fail_when(monkeypatch: pytest.MonkeyPatch, name: str, target: str) -> None:
+    """The OS refuses ``os.<name>`` for a path whose name ends with ``target`` (a full
+    disk, a read-only remount): fault injection below our code, which stays real."""
+    real = getattr(os, name)
+
+    def refusing(src: Any, dst: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if str(dst if dst is not None else src).endswith(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, *args, **kwargs) if dst is None else real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, name, refusing)
+
+
+def _pair(data_dir: Path) -> tuple[bytes, bytes]:
+    return ((data_dir / "certs/server.pem").read_bytes(),
+            (data_dir / "keys/server.key").read_bytes())
+
+
+def test_reissue_that_cannot_install_the_key_keeps_the_old_pair(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    assert fleetward("init", "--data-dir", str(data_dir)).returncode == 0
+    before = _pair(data_dir)
+    _fail_when(monkeypatch, "replace", "server.key")
+    with pytest.raises(ConfigurationError, match="cannot write the new server certificate"):
+        reissue_server_certificate(data_dir, ["new.example.com"],
+                                   revoke_previous_after=dt.timedelta(hours=24),
+                                   actor="local:test")
+    monkeypatch.undo()
+    assert _pair(data_dir) == before, "certificate and key no longer belong together"
+    assert not [p for p in data_dir.rglob(".server*")], "staged files left behind"
+
+
+def test_reissue_that_cannot_stage_its_files_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    assert fleetward("init", "--data-dir", str(data_dir)).returncode == 0
+    before, rows = _pair(data_dir), audit_rows(data_dir)
+    with sqlite_db(data_dir) as conn:
+        certificates = conn.execute("SELECT count(*) FROM certificates").fetchone()[0]
+    _fail_when(monkeypatch, "fsync", "")  # every fsync: the staged key is the first
+    with pytest.raises(ConfigurationError, match="cannot write the new server certificate"):
+        reissue_server_certificate(data_dir, ["new.example.com"],
+                                   revoke_previous_after=dt.timedelta(0), actor="local:test")
+    monkeypatch.undo()
+    assert _pair(data_dir) == before
+    assert audit_rows(data_dir) == rows, "the reissue was committed without its files"
+    with sqlite_db(data_dir) as conn:
+        assert conn.execute("SELECT count(*) FROM certificates").fetchone()[0] == certificates
+        assert conn.execute("SELECT count(*) FROM certificates WHERE revoked_at IS NOT NULL"
+                            ).fetchone()[0] == 0
+    assert not [p for p in data_dir.rglob(".server*")]

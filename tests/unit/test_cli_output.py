@@ -70,6 +70,23 @@ def test_table_cells_and_title_are_text_not_markup(capsys: pytest.CaptureFixture
     assert "🆎" not in printed
 
 
+# A subject from a manufacturer certificate (``enroll pending``) is device-controlled:
+# clear screen, retitle the terminal, a right-to-left override.
+HOSTILE = "CN=x\x1b[2J\x1b]0;pwned\x07\u202eyz"
+
+
+def test_control_characters_are_shown_not_sent_to_the_terminal(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    common.table("Enrollments", ["subject"], [[HOSTILE]])
+    common.out.print(f"subject {HOSTILE}", markup=False)
+    common.warn(HOSTILE)
+    printed = capsys.readouterr()
+    for stream in (printed.out, printed.err):
+        assert "\x1b" not in stream and "\x07" not in stream and "\u202e" not in stream
+    assert "CN=x\\x1b[2J\\x1b]0;pwned\\x07\\u202eyz" in printed.out
+    assert "\\x1b[2J" in printed.err
+
+
 def test_warnings_are_data_too(capsys: pytest.CaptureFixture[str]) -> None:
     common.warn(f"policy {MARKUP} denies :ab:", hint="attach [default] too")
     assert capsys.readouterr().err.splitlines() == [

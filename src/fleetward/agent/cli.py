@@ -49,7 +49,7 @@ from fleetward.agent.state import (
 )
 from fleetward.agent.telemetry import DEFAULT_MESSAGE_TYPE, make_source
 from fleetward.errors import FleetwardError, InvalidInput
-from fleetward.terminal import App, console, version_option
+from fleetward.terminal import App, console, printable, version_option
 
 TOKEN_ENV = "FLEETWARD_BOOTSTRAP_TOKEN"
 EXIT_ERROR = 1
@@ -318,7 +318,7 @@ def status_command(state_dir: StateDir,
                         ("not after", f"{status.not_after:%Y-%m-%d %H:%M:%S} UTC"),
                         ("next renewal", f"{status.next_renewal:%Y-%m-%d %H:%M:%S} UTC"),
                         ("state", status.state)):
-        table.add_row(name, Text(value))  # a value is never markup
+        table.add_row(name, Text(printable(value)))  # a value is never markup
     out.print(table)
 
 

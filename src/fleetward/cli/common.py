@@ -15,6 +15,7 @@ The output rules of every command live here once:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from rich.text import Text
 from fleetward.cli.client import AdminClient, resolve_connection
 from fleetward.errors import FleetwardError, InvalidInput
 from fleetward.model import validate_device_id
-from fleetward.terminal import App, console
+from fleetward.terminal import App, console, printable
 
 __all__ = ["App", "err", "fail", "out", "warn"]
 
@@ -89,11 +90,11 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     """Cells are ``Text``, never markup (a device named "[bold]" stays "[bold]"), and
     fold onto the next line rather than end in "…": serials, fingerprints, ids and topics
     are copied from here."""
-    table = Table(title=Text(title))
+    table = Table(title=Text(printable(title)))
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*[Text("" if v is None else str(v)) for v in row])
+        table.add_row(*[Text("" if v is None else printable(str(v))) for v in row])
     out.print(table)
 
 
@@ -113,6 +114,19 @@ def device_path(device_id: str) -> str:
         return validate_device_id(device_id)
     except InvalidInput as exc:
         fail(exc)
+
+
+TOKEN_ID_PATTERN = re.compile(r"[0-9a-f]{16}")  # crypto.secret_token: 8 random bytes in hex
+
+
+def token_id_path(token_id: str, kind: str, prefix: str) -> str:
+    """An operator (``fwa_``) or bootstrap (``fwb_``) token id checked before it becomes a
+    URL path segment: "../policies/x" must not turn into another API call."""
+    if not TOKEN_ID_PATTERN.fullmatch(token_id):
+        fail(InvalidInput(f"invalid {kind} token id {token_id!r}",
+                          hint=f"the 16 hex characters between {prefix} and the dot; never "
+                               "pass the whole token on the command line"))
+    return token_id
 
 
 def progress() -> Progress:

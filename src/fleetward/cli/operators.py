@@ -17,6 +17,7 @@ from fleetward.cli.common import (
     err,
     out,
     table,
+    token_id_path,
 )
 
 app = App(help="Admin API tokens.", no_args_is_help=True)
@@ -48,7 +49,8 @@ def operator_list(data_dir: DataDir = None, admin_url: AdminUrl = None,
 @app.command("revoke")
 def operator_revoke(token_id: str, data_dir: DataDir = None, admin_url: AdminUrl = None,
                     ca_file: CaFile = None) -> None:
-    """Revoke an operator token."""
+    """Revoke an operator token (its id: the hex between fwa_ and the dot)."""
+    token_id = token_id_path(token_id, "operator", "fwa_")
     with api(data_dir, admin_url, ca_file) as client:
         client.request("DELETE", f"/v1/operators/{token_id}")
     out.print(f"token {token_id} revoked", markup=False)

@@ -158,11 +158,11 @@ def policy_detach(name: str, type_name: PolicyType = None, device: PolicyDevice 
     _print_effective(result)
 
 
-def _print_effective(result: dict[str, Any]) -> None:
+def _print_effective(result: dict[str, Any] | None) -> None:
     """What now applies to the attachment's target (the server's ``effective``), and its
     warnings on stderr, e.g. a type whose devices lost mqtt:connect."""
-    effective = result.get("effective")
-    if not isinstance(effective, dict):  # a server from before the effective set
+    effective = result.get("effective") if isinstance(result, dict) else None
+    if not isinstance(effective, dict) or result is None:  # a server from before it
         return
     if effective["kind"] == "type":
         who = f"devices of type {effective['target']} without policies of their own"

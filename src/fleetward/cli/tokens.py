@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from fleetward.cli.common import (
     fail,
     out,
     print_json,
+    token_id_path,
     warn,
 )
 from fleetward.errors import InvalidInput
@@ -30,7 +30,6 @@ app = App(help="Bootstrap tokens for first enrollment (EST, RFC 7030).",
           no_args_is_help=True)
 
 
-TOKEN_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 SHOWN_ONCE = ("this token is shown only once: store it now (or hand it to the device); "
               "it cannot be retrieved again")
 
@@ -88,11 +87,7 @@ def token_revoke(token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID")],
                  data_dir: DataDir = None, admin_url: AdminUrl = None,
                  ca_file: CaFile = None) -> None:
     """Revoke a bootstrap token (its id: the hex between fwb_ and the dot)."""
-    # Checked before it becomes a path segment: "../operators/…" must not reach the API.
-    if not TOKEN_ID_PATTERN.fullmatch(token_id):
-        fail(InvalidInput(f"invalid bootstrap token id {token_id!r}",
-                          hint="the 16 hex characters between fwb_ and the dot; never pass "
-                               "the whole token on the command line"))
+    token_id = token_id_path(token_id, "bootstrap", "fwb_")
     with api(data_dir, admin_url, ca_file) as client:
         client.delete(f"/v1/bootstrap-tokens/{token_id}")
     out.print(f"bootstrap token {token_id} revoked", markup=False)

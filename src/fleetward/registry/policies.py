@@ -259,8 +259,10 @@ class PolicyService:
     def effective(self, kind: str, target: str) -> EffectivePolicies:
         """What applies to a device type or a device now, by the data plane's own rule
         (``policies_for``): a device gets the policies attached to it and to its type
-        (device ones first, each once), the built-in ``default`` only when neither has
-        any, and the quarantine policy alone while it is quarantined. For a type, what a
+        (device ones first, each once), and the built-in ``default`` only when neither has
+        any. For a quarantined device this is what applies once it is released; until
+        then the quarantine policy alone governs it, which ``quarantined`` says (the
+        warnings are about the attached set, the operator's change). For a type, what a
         device of the type without policies of its own gets.
 
         Warns when such a device may not connect over MQTT any more: a policy attached
