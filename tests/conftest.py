@@ -44,10 +44,20 @@ def need_service(reason: str) -> None:
     pytest.skip(reason)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on, never one this test session handed out before: a server
+    takes four at once, and the kernel may offer the same ephemeral port twice while
+    none of them is bound yet (``serve`` then refuses two listeners on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture

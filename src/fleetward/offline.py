@@ -181,8 +181,8 @@ def reissue_server_certificate(data_dir: Path, hostnames: list[str] | None, *,
     and certificate are written to staged files (0600 key, fsynced) before the commit and
     moved into place after it, the key last but restored if the certificate cannot
     follow, so the two files always match. A running server keeps presenting the
-    certificate it loaded until it restarts. One reissue runs at a time (a lock file in
-    ``certs/``).
+    certificate it loaded until it restarts. One reissue runs at a time (a lock on the
+    ``certs/`` folder).
 
     Raises:
         ConfigurationError, KeyUnavailable: not a data directory, secrets or the issuing
@@ -310,8 +310,9 @@ def _install(staged_cert: Path, cert_file: Path, staged_key: Path, key_file: Pat
 
 @contextmanager
 def _reissue_lock(layout: DataDirLayout) -> Iterator[None]:
-    lock_file = layout.certs / ".reissue.lock"
-    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT, 0o600)
+    """One reissue at a time: an exclusive flock(2) on the ``certs`` folder itself, so no
+    lock file is left behind."""
+    fd = os.open(layout.certs, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
