@@ -45,19 +45,31 @@ def need_service(reason: str) -> None:
 
 
 _HANDED_OUT: set[int] = set()
+# pytest-xdist runs the suite in several processes: each takes ports from a range of its
+# own, below the kernel's ephemeral range (32768-60999 here), so two workers never pick
+# the same port between the check and the bind, and no client socket is handed one.
+_WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+PORT_RANGE_START = 10000
+PORTS_PER_WORKER = 2500
 
 
 def free_port() -> int:
     """A port nobody listens on, never one this test session handed out before: a server
-    takes four at once, and the kernel may offer the same ephemeral port twice while
-    none of them is bound yet (``serve`` then refuses two listeners on one port)."""
-    while True:
+    takes four at once, and the kernel may offer the same port twice while none of them
+    is bound yet (``serve`` then refuses two listeners on one port)."""
+    low = PORT_RANGE_START + _WORKER_INDEX * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER * 4):
+        port = low + secrets.randbelow(PORTS_PER_WORKER)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{low + PORTS_PER_WORKER - 1}")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,21 @@ class MqttConfig:
     # One address's share of the pending budget (a NAT gateway in front of many devices
     # that reconnect at once sees resets and retries with its backoff).
     max_pending_handshakes_per_source: int = 100
+    # "optional": TLS also accepts clients without a certificate, which must then
+    # authenticate in CONNECT (an access token or a SAS token, docs/credentials.md);
+    # "required": mutual TLS only, certificate-less clients fail the handshake.
+    client_certificate: str = "optional"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) <= 0:
+            value = getattr(self, f.name)
+            if isinstance(value, int) and value <= 0:
                 raise ConfigurationError(f"[mqtt] {f.name} must be positive",
                                          hint="remove the key to use the default")
+        if self.client_certificate not in ("optional", "required"):
+            raise ConfigurationError(
+                f"[mqtt] client_certificate {self.client_certificate!r} is unknown",
+                hint='use "optional" (tokens and SAS too) or "required" (mTLS only)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,67 @@ class ChannelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokensConfig:
+    """The OAuth 2.0 token service and the credentials devices use without (or beside)
+    a certificate: access tokens (RFC 9068 JWTs), DPoP proofs (RFC 9449), client
+    assertions (RFC 7523), SAS tokens and API keys."""
+
+    # The "iss" of every access token and the base of the RFC 8414 metadata URL. Empty:
+    # https://<host of [listeners] public_url>:<device_port>, the device listener.
+    issuer: str = ""
+    # Lifetimes of access tokens: the default, the most a device may ask for, and the
+    # shorter one of unbound bearer tokens (devices without a key pair, RFC 6750 §5.3).
+    access_token_lifetime_seconds: int = 900
+    max_access_token_lifetime_seconds: int = 3600
+    unbound_token_lifetime_seconds: int = 300
+    # Tolerated difference between a device's clock and ours (RFC 8725 §3.10; RFC 7519
+    # §4.1.4 "some small leeway").
+    clock_skew_seconds: int = 60
+    # A client assertion (RFC 7523 §3) must expire within this of now; its jti is
+    # remembered that long, so it is used once.
+    max_assertion_lifetime_seconds: int = 300
+    # A DPoP proof (RFC 9449 §11.1) or an MQTT CONNECT proof is accepted this long after
+    # its iat (plus the clock skew); its jti is remembered as long.
+    proof_max_age_seconds: int = 60
+    # Proof and assertion jtis remembered at once; beyond it new proofs are refused
+    # (fail closed) until old ones age out.
+    replay_cache_entries: int = 200000
+    # Revoked jtis (fleetward credential revoke --jti) remembered in memory, each until
+    # the longest token it could name has expired.
+    max_revoked_tokens: int = 100000
+    # A new signing key every this many days; the previous one stays in the JWKS until
+    # the tokens it signed have expired (max lifetime + clock skew).
+    signing_key_rotation_days: int = 30
+    # A SAS token's se may be at most this far in the future when it is presented.
+    max_sas_validity_seconds: int = 86400
+    # Where symmetric device keys are encrypted: "file" (a key in secrets/) or "pkcs11"
+    # (an AES key generated on the CA's token).
+    kek_backend: str = "file"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and value <= 0:
+                raise ConfigurationError(f"[tokens] {f.name} must be positive",
+                                         hint="remove the key to use the default")
+        if self.access_token_lifetime_seconds > self.max_access_token_lifetime_seconds:
+            raise ConfigurationError(
+                "[tokens] access_token_lifetime_seconds is above "
+                "max_access_token_lifetime_seconds", hint="lower the default lifetime")
+        if self.unbound_token_lifetime_seconds > self.access_token_lifetime_seconds:
+            raise ConfigurationError(
+                "[tokens] unbound_token_lifetime_seconds is above "
+                "access_token_lifetime_seconds",
+                hint="unbound bearer tokens must not live longer than bound ones")
+        if self.kek_backend not in ("file", "pkcs11"):
+            raise ConfigurationError(f"[tokens] kek_backend {self.kek_backend!r} is unknown",
+                                     hint='use "file" or "pkcs11"')
+        if self.issuer and not self.issuer.startswith("https://"):
+            raise ConfigurationError("[tokens] issuer must be an https URL (RFC 8414 §2)",
+                                     hint='e.g. issuer = "https://iot.example.com:8443"')
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     url: str = ""  # empty = SQLite file in the data dir
     # True when the URL carries a password: it then lives only in FLEETWARD_DATABASE_URL.
@@ -174,6 +245,18 @@ class Settings:
     device_api: DeviceApiConfig = field(default_factory=DeviceApiConfig)
     sinks: SinkConfig = field(default_factory=SinkConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+
+    @property
+    def issuer(self) -> str:
+        """The token issuer: ``[tokens] issuer``, or the device listener under the public
+        URL's host name (the name devices already reach us by)."""
+        if self.tokens.issuer:
+            return self.tokens.issuer.rstrip("/")
+        host = urllib.parse.urlsplit(self.listeners.public_url).hostname or "localhost"
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal (RFC 3986 §3.2.2)
+        return f"https://{host}:{self.listeners.device_port}"
 
     @property
     def database_url(self) -> str:
@@ -201,6 +284,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "device_api": DeviceApiConfig,
     "sinks": SinkConfig,
     "channel": ChannelConfig,
+    "tokens": TokensConfig,
 }
 
 # Environment overrides that operators expect by name.
@@ -333,3 +417,11 @@ class DataDirLayout:
 
     def ca_key_file(self, ca_name: str) -> Path:
         return self.keys / f"{ca_name}-ca.key"
+
+    def token_key_file(self, kid: str) -> Path:
+        return self.keys / f"token-{kid}.key"
+
+    @property
+    def kek_file(self) -> Path:
+        """The key-encryption key of symmetric device keys (kek_backend = "file")."""
+        return self.secrets / "credential-kek"

@@ -18,6 +18,7 @@ import secrets
 import signal
 import ssl
 import sys
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -26,6 +27,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import make_url
 
@@ -53,12 +55,14 @@ from fleetward.config import (
     load_settings,
     render_settings,
 )
+from fleetward.crypto.kek import FileKek, KeyEncryptionKey, Pkcs11Kek
 from fleetward.crypto.pkcs11 import Pkcs11Signer
 from fleetward.crypto.signer import (
     PASSPHRASE_ENV,
     PASSPHRASE_FILE_ENV,
     FileSigner,
     Signer,
+    generate_private_key,
     load_signer,
     write_encrypted_key,
     write_private_file,
@@ -66,6 +70,7 @@ from fleetward.crypto.signer import (
 from fleetward.crypto.x509util import load_certificate
 from fleetward.datadir_secrets import audit_key, ca_passphrase, pkcs11_pin
 from fleetward.edge.channel import LiveConnections, MessageSink
+from fleetward.edge.credentials import PresentedCredentials
 from fleetward.edge.device import build_device_app
 from fleetward.edge.device_api import DeviceApi
 from fleetward.edge.est import EstEndpoints
@@ -73,6 +78,7 @@ from fleetward.edge.gate import CacheUpdate, LocalChanges, TrustGate
 from fleetward.edge.hooks import AuditWriter, ChannelHooks, Throttle, flush_last_seen
 from fleetward.edge.ingest import Ingest
 from fleetward.edge.mqtt.server import MqttServer
+from fleetward.edge.oauth import TOKEN_PATH, OAuthEndpoints
 from fleetward.edge.public import PublicEndpoints, build_public_app
 from fleetward.edge.sinks import FanoutSink, NatsSink, SqlSink
 from fleetward.enroll import BootstrapTokens, EnrollmentService
@@ -84,6 +90,14 @@ from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
 from fleetward.store import cas as ca_rows
 from fleetward.store import devices as device_rows
+from fleetward.tokens.access import AccessTokenIssuer, AccessTokenVerifier
+from fleetward.tokens.api_keys import ApiKeyService
+from fleetward.tokens.assertion import AssertionVerifier
+from fleetward.tokens.credentials import DeviceCredentialService, load_data_key
+from fleetward.tokens.dpop import ProofVerifier
+from fleetward.tokens.keys import SigningKeys
+from fleetward.tokens.replay import ReplayCache
+from fleetward.tokens.service import TokenService
 from fleetward.web.request_errors import (
     loop_exception_handler,
     request_error_logger,
@@ -98,6 +112,7 @@ DEFAULT_DEVICE_TYPE = "default"
 CRL_CHECK_INTERVAL_SECONDS = 60
 COMMAND_EXPIRY_SWEEP_SECONDS = 60  # undelivered commands past their TTL become expired
 LAST_SEEN_FLUSH_SECONDS = 5  # devices.last_seen_at is written in batches this often
+TOKEN_KEY_ROTATION_CHECK_SECONDS = 3600  # is the token signing key due for rotation?
 OEM_TRUST_REFRESH_SECONDS = 5  # a newly registered OEM CA is trusted by TLS within this
 _ANY_ADDRESS = ("0.0.0.0", "::", "")  # noqa: S104  (names, not a bind)
 
@@ -345,9 +360,73 @@ class Node:
         self.audit.on_append = self.local_changes.noted
         self.db.on_commit = self.local_changes.committed
         self.audit_writer = AuditWriter(self.db, self.audit, self.executor)
+        self._pin = pin
+        self._build_credentials()
         self.gate = TrustGate(self.db, [self.authority.issuing.certificate], self.policies,
-                              self.live, settings.channel, self.clock, self.audit_writer.submit)
+                              self.live, settings.channel, self.clock, self.audit_writer.submit,
+                              secrets=self.credentials,
+                              token_keys_changed=self.signing_keys.reload,
+                              max_sas_validity_seconds=settings.tokens.max_sas_validity_seconds)
+        self.registry.credential_revoker = self.credentials.revoke_all_in
+        self.token_service = TokenService(
+            self.db, self.audit, self.clock, settings.tokens, self.gate, self.token_issuer,
+            self.token_verifier, self.proofs, self.assertions, self.credentials.public_keys)
         self._trusted_oem: set[str] = set()
+
+    def _build_credentials(self) -> None:
+        """Token signing keys, verifiers, symmetric-key encryption and API keys."""
+        settings = self.settings
+        config = settings.tokens
+        self.issuer = settings.issuer
+        self.server_names = server_names(self.layout.server_cert_file, self.issuer)
+        kek: KeyEncryptionKey
+        if config.kek_backend == "pkcs11":
+            ca = settings.ca
+            if not (ca.pkcs11_module and ca.pkcs11_token_label and self._pin):
+                raise ConfigurationError(
+                    "[tokens] kek_backend = \"pkcs11\" needs the CA's PKCS#11 token",
+                    hint="set [ca] pkcs11_module, pkcs11_token_label and the PIN, or use "
+                         "kek_backend = \"file\"")
+            kek = Pkcs11Kek.open_or_create(ca.pkcs11_module, ca.pkcs11_token_label, self._pin)
+        else:
+            kek = FileKek.load_or_create(self.layout.kek_file)
+        self.credentials = DeviceCredentialService(
+            self.db, self.audit, self.clock, load_data_key(self.db, kek, clock=self.clock))
+        self.api_keys = ApiKeyService(self.db, self.audit, self.clock)
+        self.signing_keys = SigningKeys(
+            self.db, self.audit, self.clock, config,
+            open_signer=lambda ref: load_signer(ref, self.passphrase, self._pin),
+            new_signer=self._new_token_signer)
+        self.signing_keys.load()
+        self.replay = ReplayCache(config.replay_cache_entries)
+        self.token_issuer = AccessTokenIssuer(self.signing_keys, self.issuer, self.issuer,
+                                              config, self.clock)
+        self.token_verifier = AccessTokenVerifier(self.signing_keys, self.issuer, self.issuer,
+                                                  config, self.clock)
+        self.proofs = ProofVerifier(self.replay, config, self.clock, self.server_names)
+        # A client assertion's aud: the issuer or the token endpoint under any of our
+        # names (RFC 7523 §3 point 3).
+        port = settings.listeners.device_port
+        audiences = {self.issuer, self.issuer + TOKEN_PATH}
+        audiences |= {f"https://{_url_host(name)}:{port}{TOKEN_PATH}"
+                      for name in self.server_names}
+        self.assertions = AssertionVerifier(self.replay, config, self.clock,
+                                            frozenset(audiences))
+
+    def _new_token_signer(self, label: str) -> Signer:
+        """A new token signing key where the CA's keys live ([ca] key_backend)."""
+        ca = self.settings.ca
+        if ca.key_backend == "pkcs11":
+            if not (ca.pkcs11_module and ca.pkcs11_token_label and self._pin):
+                raise ConfigurationError("the pkcs11 key backend needs its module, token "
+                                         "label and PIN", hint=f"set {PIN_ENV}")
+            return Pkcs11Signer.generate(module=ca.pkcs11_module,
+                                         token_label=ca.pkcs11_token_label,
+                                         key_label=f"fleetward-token-{label}", pin=self._pin)
+        key = generate_private_key("ec-p256")
+        path = self.layout.token_key_file(label)
+        write_encrypted_key(path, key, self.passphrase)
+        return FileSigner(key, path)
 
     def refresh_crls(self) -> list[str]:
         with self.db.transaction() as conn:
@@ -358,22 +437,30 @@ class Node:
             db=self.db, registry=self.registry, tokens=self.tokens, authority=self.authority,
             audit=self.audit, clock=self.clock, executor=self.executor,
             bootstrap=self.bootstrap, enrollment=self.enrollment, policies=self.policies,
-            commands=self.commands))
+            commands=self.commands, access_tokens=self.token_service,
+            credentials=self.credentials, api_keys=self.api_keys,
+            signing_keys=self.signing_keys))
 
     def public_app(self) -> web.Application:
         # Its own threads: OCSP signing and CRL reads must not queue behind admin writes
         # (and a flood of OCSP requests must not stall the admin API).
-        return build_public_app(PublicEndpoints(self.db, self.authority, self.public_executor))
+        return build_public_app(PublicEndpoints(self.db, self.authority, self.public_executor),
+                                oauth=self.oauth_endpoints())
 
-    def tls_context(self, *, device_clients: bool,
-                    require_client_cert: bool = False) -> ssl.SSLContext:
+    def oauth_endpoints(self) -> OAuthEndpoints:
+        return OAuthEndpoints(self.token_service, self.api_keys, self.signing_keys,
+                              self.issuer, self.public_executor, self.audit_writer.submit,
+                              Throttle(self.settings.channel.refusal_audit_window_seconds))
+
+    def tls_context(self, *, device_clients: bool, require_client_cert: bool = False,
+                    mqtt: bool = False) -> ssl.SSLContext:
         """Server TLS; the device listeners ask for client certificates (optional on
         HTTPS, where EST bootstrap enrollment has none; required on MQTT)."""
         ctx = server_context(self.layout.server_cert_file, self.layout.server_key_file,
                              self.passphrase,
                              client_ca_file=self.layout.chain_file if device_clients else None,
                              require_client_cert=require_client_cert)
-        if require_client_cert:
+        if mqtt or require_client_cert:
             return ctx  # MQTT: our CA chain only; OEM certificates only ever enroll
         if device_clients:
             # A registered OEM CA may be an intermediate of the manufacturer's hierarchy:
@@ -447,13 +534,18 @@ class Node:
         hooks = ChannelHooks(ingest.accept_publish, self.audit_writer, self.clock,
                              self.settings.channel.refusal_audit_window_seconds,
                              resend_open_commands)
-        mqtt_server = MqttServer(self.gate, self.live, hooks, self.settings.mqtt,
-                                 self.tls_context(device_clients=True, require_client_cert=True),
-                                 self.clock)
+        presented = PresentedCredentials(self.gate, self.token_verifier, self.proofs,
+                                         listeners.mqtt_port)
+        mqtt_server = MqttServer(
+            self.gate, self.live, hooks, self.settings.mqtt,
+            self.tls_context(device_clients=True, mqtt=True, require_client_cert=(
+                self.settings.mqtt.client_certificate == "required")),
+            self.clock, credentials=presented)
         device_app = build_device_app(
             EstEndpoints(self.enrollment, self.executor, self.gate),
             DeviceApi(self.gate, self.live, ingest, self.commands, self.settings.device_api,
-                      self.executor))
+                      self.executor, credentials=presented),
+            oauth=self.oauth_endpoints())
         sites.append((device_app, listeners.device_port, device_tls, "device"))
 
         def command_queued(device_id: str, command: dict[str, Any]) -> None:
@@ -621,9 +713,32 @@ class Node:
              self.enrollment.sweep_superseded),
             (COMMAND_EXPIRY_SWEEP_SECONDS, "command-expiry", self.executor,
              self.commands.expire_due),
-            (OEM_TRUST_REFRESH_SECONDS, "oem-trust", self.public_executor, trust_oem_cas)]
+            (OEM_TRUST_REFRESH_SECONDS, "oem-trust", self.public_executor, trust_oem_cas),
+            (TOKEN_KEY_ROTATION_CHECK_SECONDS, "token-key-rotation", self.executor,
+             self.signing_keys.rotate_if_due)]
         return [asyncio.create_task(self._every(stop, seconds, name, executor, job))
                 for seconds, name, executor, job in jobs]
+
+
+def server_names(server_cert_file: Path, issuer: str) -> frozenset[str]:
+    """The host names and addresses devices reach this server by: the TLS server
+    certificate's SANs and the issuer's host (what a proof's htu may name)."""
+    names = {"localhost"}
+    issuer_host = urllib.parse.urlsplit(issuer).hostname
+    if issuer_host:
+        names.add(issuer_host.lower())
+    cert = x509.load_pem_x509_certificate(server_cert_file.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset(names)
+    names |= {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+    names |= {str(address) for address in san.get_values_for_type(x509.IPAddress)}
+    return frozenset(names)
+
+
+def _url_host(name: str) -> str:
+    return f"[{name}]" if ":" in name else name
 
 
 def serve(data_dir: Path, listeners: ListenerConfig | None) -> None:

@@ -249,7 +249,8 @@ def test_own_status_comes_from_the_admission(server: DeviceServer) -> None:
         "quarantined": False, "firmware_version": None,
         "certificate": {"serial": format_serial(own.serial),
                         "not_after": cert.not_valid_after_utc.isoformat().replace(
-                            "+00:00", "Z")}}
+                            "+00:00", "Z")},
+        "authenticated_by": "certificate"}
 
 
 def test_revocation_closes_the_live_connection_and_the_next_one_is_403(

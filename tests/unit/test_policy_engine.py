@@ -446,7 +446,8 @@ def test_default_policy_is_exactly_the_documented_one() -> None:
     own = "devices/${device.id}"
     assert statements_of(DEFAULT_POLICY) == {
         "mqtt:connect": ("${device.id}",),
-        "mqtt:publish": (f"{own}/telemetry/#", f"{own}/events/#", f"{own}/command-results/+"),
+        "mqtt:publish": (f"{own}/telemetry/#", f"{own}/events/#", f"{own}/command-results/+",
+                         f"{own}/messages/events/#"),
         "mqtt:subscribe": (f"{own}/commands/#",),
         "mqtt:receive": (f"{own}/commands/#",),
         "http:POST": ("v1/telemetry", "v1/telemetry/+", "v1/events", "v1/events/+",

@@ -29,6 +29,10 @@ from fleetward.registry import Registry
 from fleetward.registry.device_commands import DeviceCommandService
 from fleetward.registry.policies import PolicyService
 from fleetward.store import Database
+from fleetward.tokens.api_keys import ApiKeyService
+from fleetward.tokens.credentials import DeviceCredentialService
+from fleetward.tokens.keys import SigningKeys
+from fleetward.tokens.service import TokenService
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 1024 * 1024  # bytes; a CSR is ~1 KiB, an OEM CA certificate ~2 KiB
@@ -54,6 +58,10 @@ class AdminServices:
     enrollment: EnrollmentService
     policies: PolicyService
     commands: DeviceCommandService
+    access_tokens: TokenService
+    credentials: DeviceCredentialService
+    api_keys: ApiKeyService
+    signing_keys: SigningKeys
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 from fleetward.audit import AuditLog
 from fleetward.ca.crl import build_crl
 from fleetward.ca.pipeline import IssuerContext, IssueRequest, run_pipeline
-from fleetward.ca.reasons import parse_reason
+from fleetward.ca.reasons import SUPERSEDED, parse_reason
 from fleetward.clock import Clock
 from fleetward.config import CAConfig
 from fleetward.crypto.signer import Signer, signature_hash
@@ -28,6 +28,7 @@ from fleetward.errors import Conflict, KeyUnavailable, NotFound, StorageError
 from fleetward.model import AuditEvent, CertificateRecord, format_serial
 from fleetward.store import cas as ca_rows
 from fleetward.store import certificates as cert_rows
+from fleetward.store import devices as device_rows
 
 log = structlog.get_logger("fleetward.ca")
 
@@ -183,6 +184,11 @@ class Authority:
                 f"certificate {record.serial_hex} is already revoked",
                 hint="revocation is final; nothing to do",
             )
+        if record.device_id and reason != SUPERSEDED:
+            # A revoked key may have been used to obtain access tokens (private_key_jwt,
+            # tls_client_auth): they die with it. A planned rotation (superseded) is no
+            # reason to cut off tokens bound to the device's other keys.
+            device_rows.bump_credential_generation(conn, record.device_id)
         self.audit.append(
             conn,
             AuditEvent(

@@ -4,6 +4,9 @@ The private key is created with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false (PK
 v2.40 §4.9), so neither Fleetward nor anyone with the PIN can read it out, and it can only
 sign: every usage flag is spelled out (see ``PRIVATE_KEY_TEMPLATE``). Signing uses raw
 CKM_ECDSA over a digest computed here, which every token supports (SoftHSM2 included).
+
+``Pkcs11AesKey`` is the other kind of key kept here: an AES-256 key generated on the token
+that only encrypts and decrypts (AES-GCM), the key-encryption key of crypto/kek.py.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from fleetward.errors import ConfigurationError, KeyUnavailable
@@ -301,3 +305,151 @@ def _public_key_of(public: Any) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise KeyUnavailable("the token's public key is not an EC key")
     return key
+
+
+# --- AES keys on the token (the credential key-encryption key) ----------------------------
+
+AES_KEY_BYTES = 32  # AES-256
+GCM_NONCE_BYTES = 12  # 96-bit IVs: the length GCM is specified for (NIST SP 800-38D §5.2.1.1)
+GCM_TAG_BITS = 128  # the full tag (NIST SP 800-38D §5.2.1.2)
+
+# An AES key that encrypts and decrypts data and does nothing else: not a wrapping key
+# (it cannot carry other keys off the token), not a MAC or derivation key. Sensitive and
+# unextractable (PKCS#11 v2.40 §4.10): its value never leaves the token, not even wrapped.
+_ENCRYPT_ONLY = MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+SECRET_KEY_TEMPLATE: dict[Attribute, bool] = {
+    Attribute.ENCRYPT: True,
+    Attribute.DECRYPT: True,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.PRIVATE: True,
+    Attribute.TOKEN: True,
+}
+
+
+class Pkcs11AesKey:
+    """An AES-256 key on a PKCS#11 token that encrypts with AES-GCM on the token."""
+
+    def __init__(self, session: tuple[Any, threading.Lock], key: Any, ref: dict[str, str]) -> None:
+        self._session, self._lock = session
+        self._key = key
+        self._ref = ref
+
+    @property
+    def key_ref(self) -> dict[str, str]:
+        """Where the key is (module, token and key labels); never a secret."""
+        return dict(self._ref)
+
+    @property
+    def token_key(self) -> Any:
+        """The python-pkcs11 key object (for attribute checks)."""
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"Pkcs11AesKey({self._ref['token_label']!r}, {self._ref['key_label']!r})"
+
+    @classmethod
+    def open_or_create(
+        cls, *, module: str, token_label: str, key_label: str, pin: str
+    ) -> Pkcs11AesKey:
+        """Open the AES key labelled ``key_label``, or generate it on the token.
+
+        A key found under the label is used only if the token reports every attribute of
+        ``SECRET_KEY_TEMPLATE`` and ``LOCKED_TEMPLATE`` (an exportable key planted under
+        our label would otherwise be used silently).
+
+        Args:
+            module: path of the PKCS#11 module, e.g. ``/usr/lib/softhsm/libsofthsm2.so``.
+            token_label: the token's label.
+            key_label: the key object's label (CKA_LABEL).
+            pin: the user PIN.
+
+        Returns:
+            The key.
+
+        Raises:
+            KeyUnavailable: no such token, wrong PIN, or several keys with that label.
+            ConfigurationError: the token cannot do AES-GCM, or the key found under the
+                label is not an AES-256 key with exactly these attributes.
+        """
+        opened = _open_session(module, token_label, pin)
+        session, lock = opened
+        ref = {"backend": "pkcs11", "module": module, "token_label": token_label,
+               "key_label": key_label}
+        with lock:
+            try:
+                if Mechanism.AES_GCM not in session.token.slot.get_mechanisms():
+                    raise ConfigurationError(
+                        f"PKCS#11 token {token_label!r} cannot do AES-GCM (CKM_AES_GCM)",
+                        hint='use [tokens] kek_backend = "file", or a token that supports '
+                             "CKM_AES_GCM")
+                found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                                  Attribute.LABEL: key_label}))
+                if len(found) > 1:
+                    raise KeyUnavailable(
+                        f"token {token_label!r} holds {len(found)} keys labelled {key_label!r}",
+                        hint="delete the extra ones; only one key may carry the label")
+                if found:
+                    key = found[0]
+                    _check_secret_key(key, token_label, key_label)
+                else:
+                    key = session.generate_key(
+                        KeyType.AES, AES_KEY_BYTES * 8, label=key_label, store=True,
+                        capabilities=_ENCRYPT_ONLY,
+                        template={**SECRET_KEY_TEMPLATE, **LOCKED_TEMPLATE})
+            except pkcs11.PKCS11Error as exc:
+                raise KeyUnavailable(
+                    f"cannot open or create the AES key {key_label!r} on token "
+                    f"{token_label!r}: {exc!r}",
+                    hint="check the token (is it read-write and logged in?)") from exc
+        return cls(opened, key, ref)
+
+    def encrypt_gcm(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-GCM on the token: ciphertext || 16-byte tag.
+
+        Raises:
+            KeyUnavailable: the token refused.
+        """
+        with self._lock:
+            try:
+                return bytes(self._key.encrypt(
+                    plaintext, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
+            except pkcs11.PKCS11Error as exc:
+                raise KeyUnavailable(f"the PKCS#11 token refused to encrypt: {exc!r}") from exc
+
+    def decrypt_gcm(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Check the tag and decrypt on the token.
+
+        Raises:
+            KeyUnavailable: the tag does not match (altered data, other key or other
+                associated data) or the token refused.
+        """
+        with self._lock:
+            try:
+                return bytes(self._key.decrypt(
+                    ciphertext, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
+            except pkcs11.PKCS11Error as exc:
+                # SoftHSM2 reports a wrong tag as CKR_GENERAL_ERROR, others as
+                # CKR_ENCRYPTED_DATA_INVALID: either way nothing is returned.
+                raise KeyUnavailable(
+                    "the PKCS#11 token could not decrypt: altered data or another key",
+                    hint="the data was not encrypted with this token key") from exc
+
+
+def _check_secret_key(key: Any, token_label: str, key_label: str) -> None:
+    expected: dict[Attribute, Any] = {**SECRET_KEY_TEMPLATE, **LOCKED_TEMPLATE,
+                                      Attribute.KEY_TYPE: KeyType.AES,
+                                      Attribute.VALUE_LEN: AES_KEY_BYTES}
+    for attribute, value in expected.items():
+        if key[attribute] != value:
+            raise ConfigurationError(
+                f"the key {key_label!r} on token {token_label!r} has {attribute.name} = "
+                f"{key[attribute]!r}, expected {value!r}",
+                hint="it was not made by Fleetward: delete it or choose another key label")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Refusal(enum.IntEnum):
     BANNED = 0x8A  # certificate revoked / device compromised or retired
     BAD_CREDENTIALS = 0x86  # no certificate, unknown issuer, unknown device
     CLIENT_ID_NOT_VALID = 0x85  # client id differs from the certificate's device id
+    BAD_AUTHENTICATION_METHOD = 0x8C  # an MQTT 5 enhanced authentication method we lack
     SERVER_UNAVAILABLE = 0x88  # the gate cannot decide (caches not loaded): fail closed
 
     @property
@@ -57,11 +59,12 @@ class Refusal(enum.IntEnum):
         """MQTT 3.1.1 §3.2.2.3 CONNACK return codes: 2 identifier rejected, 3 server
         unavailable, 4 bad user name or password, 5 not authorized."""
         return {Refusal.CLIENT_ID_NOT_VALID: 2, Refusal.SERVER_UNAVAILABLE: 3,
-                Refusal.BAD_CREDENTIALS: 4}.get(self, 5)
+                Refusal.BAD_CREDENTIALS: 4, Refusal.BAD_AUTHENTICATION_METHOD: 4}.get(self, 5)
 
     @property
     def http_status(self) -> int:
-        return {Refusal.BAD_CREDENTIALS: 401, Refusal.SERVER_UNAVAILABLE: 503}.get(self, 403)
+        return {Refusal.BAD_CREDENTIALS: 401, Refusal.BAD_AUTHENTICATION_METHOD: 401,
+                Refusal.SERVER_UNAVAILABLE: 503}.get(self, 403)
 
 
 class ChannelPolicy(Protocol):
@@ -76,6 +79,14 @@ class ChannelPolicy(Protocol):
         ...
 
 
+class AuthMethod(enum.StrEnum):
+    """How the peer of a connection (or the sender of a request) authenticated."""
+
+    CERTIFICATE = "certificate"  # mutual TLS with a certificate from our CA
+    ACCESS_TOKEN = "access_token"  # an access token (and its proof, when bound)
+    SAS = "sas"  # a SAS token signed with one of the device's symmetric keys
+
+
 @dataclass(slots=True)
 class Admission:
     """Who is on the other end of one connection. ``policy`` is replaced in place when
@@ -84,14 +95,33 @@ class Admission:
     device_id: str
     device_type: str
     owner: str
-    serial: int  # certificate serial
+    serial: int  # certificate serial (0 when no certificate authenticated the peer)
     not_after_epoch: float  # certificate expiry, seconds since the epoch
     state: str  # lifecycle state at admission (LifecycleState value)
     quarantined: bool
     policy: ChannelPolicy
     firmware_version: str | None = None
+    auth: AuthMethod = AuthMethod.CERTIFICATE
+    # Access tokens: what the token's scopes open (every decision needs both this and
+    # the policy); None when no token restricts the connection.
+    scope: ChannelPolicy | None = None
+    scopes: tuple[str, ...] = ()
+    # When the token or SAS that authenticated the peer stops being valid: the MQTT
+    # listener ends the session then (unless re-authenticated), HTTPS checks each request.
+    credential_expires_at: float = math.inf
+    token_jti: str | None = None
+    token_binding: str | None = None  # x5t#S256 | jkt | none
+    generation: int = 0  # the device's credential generation the token was issued under
+    sas_key: tuple[str, int] | None = None  # SAS: (slot, version) of the key that signed
 
     def decide(self, action: str, resource: str) -> Decision:
+        scope = self.scope
+        if scope is not None:
+            granted = scope.decide(action, resource)
+            if not granted.allowed:
+                return Decision(False, f"the access token's scope "
+                                       f"({' '.join(self.scopes) or 'none'}) does not "
+                                       f"cover {action} on '{resource[:200]}'")
         return self.policy.decide(action, resource)
 
 
@@ -113,9 +143,10 @@ class DeviceGate(Protocol):
         """
         ...
 
-    def recheck(self, admission: Admission) -> Admission | Refused:
+    def recheck(self, admission: Admission, *, channel: str = "mqtt") -> Admission | Refused:
         """Decide again, from the current caches, for a device acting while no longer
-        connected (a delayed Will Message): revocation, expiry, lifecycle and policy."""
+        connected (a delayed Will Message) or after a wait (a long-poll): revocation,
+        expiry, lifecycle and policy."""
         ...
 
 

@@ -11,6 +11,7 @@ from cryptography import x509
 
 from fleetward.edge.device_api import DeviceApi, add_device_routes
 from fleetward.edge.est import EstEndpoints, add_est_routes, est_auth_challenge
+from fleetward.edge.oauth import OAuthEndpoints, add_oauth_routes
 from fleetward.web.problem import problem_middleware
 from fleetward.web.tls import peer_certificate
 
@@ -24,8 +25,8 @@ async def health(request: web.Request) -> web.Response:
                               "client_cn": names[0].value if names else None})
 
 
-def build_device_app(est: EstEndpoints | None = None,
-                     api: DeviceApi | None = None) -> web.Application:
+def build_device_app(est: EstEndpoints | None = None, api: DeviceApi | None = None,
+                     oauth: OAuthEndpoints | None = None) -> web.Application:
     app = web.Application(middlewares=[problem_middleware, est_auth_challenge],
                           client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/v1/health", health)
@@ -33,4 +34,6 @@ def build_device_app(est: EstEndpoints | None = None,
         add_est_routes(app, est)
     if api is not None:
         add_device_routes(app, api)
+    if oauth is not None:
+        add_oauth_routes(app, oauth)
     return app

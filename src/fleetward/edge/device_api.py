@@ -34,15 +34,18 @@ from fleetward.config import DeviceApiConfig
 from fleetward.edge.channel import (
     Action,
     Admission,
+    AuthMethod,
     Closer,
     DeviceGate,
     LiveConnections,
     Refusal,
     Refused,
 )
+from fleetward.edge.credentials import HttpRefused, PresentedCredentials
 from fleetward.errors import Forbidden, InvalidInput, PayloadTooLarge
 from fleetward.model import format_serial
 from fleetward.registry.device_commands import DeviceCommandService, command_json
+from fleetward.tokens.dpop import TargetUri
 from fleetward.web.problem import parse_json, problem_response, reject_unknown_fields
 
 log = structlog.get_logger("fleetward.device_api")
@@ -74,6 +77,11 @@ _REFUSAL_HINTS = {
 }
 
 
+TOKEN_HINT = ("get a new access token (POST /oauth2/token) and present it as the token "
+              "type says: Bearer with its client certificate, or DPoP with a fresh proof; "
+              "or sign a new SAS token (docs/credentials.md)")
+
+
 class MessageIntake(Protocol):
     """Where accepted telemetry and events go (``fleetward.edge.intake.Intake``)."""
 
@@ -100,6 +108,8 @@ class DeviceApi:
     commands: DeviceCommandService
     config: DeviceApiConfig
     executor: Executor
+    # Access tokens and SAS tokens in ``Authorization`` (None: certificates only).
+    credentials: PresentedCredentials | None = None
 
 
 @dataclass(slots=True)
@@ -122,11 +132,30 @@ class DeviceConnections:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def admit(self, request: web.Request) -> Admission | Refused:
-        """The admission of ``request``'s connection, asking the gate on first use."""
+    def admit(self, request: web.Request) -> Admission | Refused | HttpRefused:
+        """The admission of ``request``: by the credential in its ``Authorization``
+        header (decided per request: each request may carry another token), else by the
+        connection's client certificate (asking the gate on first use)."""
         transport = request.transport
         if transport is None or transport.is_closing():
             return Refused(Refusal.NOT_AUTHORIZED, "the connection is closing")
+        authorization = request.headers.getall("Authorization", [])
+        credentials = self.api.credentials
+        if authorization and credentials is not None:
+            if len(authorization) != 1:
+                return HttpRefused(Refused(Refusal.BAD_CREDENTIALS,
+                                           "send one Authorization header"), "Bearer",
+                                   "invalid_request")
+            host = request.headers.get("Host", "")
+            try:
+                target = TargetUri.parse(f"https://{host}{request.raw_path.split('?')[0]}")
+            except ValueError:
+                return HttpRefused(Refused(Refusal.BAD_CREDENTIALS,
+                                           "the request has no usable Host header"),
+                                   "Bearer", "invalid_request")
+            return credentials.http(authorization[0], request.headers.getall("DPoP", []),
+                                    method=request.method, target=target,
+                                    peer_der=_peer_der(transport), source=_source(transport))
         entry = self._entries.get(id(transport))
         if entry is not None and entry.transport is transport:
             return entry.admission
@@ -213,9 +242,19 @@ def _guarded(api: DeviceApi, connections: DeviceConnections,
              handler: DeviceHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         verdict = connections.admit(request)
+        if isinstance(verdict, HttpRefused):
+            response = _refusal(request, verdict.refused, TOKEN_HINT if (
+                verdict.refused.code is Refusal.BAD_CREDENTIALS) else None)
+            if response.status == 401:
+                response.headers["WWW-Authenticate"] = verdict.challenge
+            return response
         if isinstance(verdict, Refused):
             return _refusal(request, verdict)
         resource = request.path.lstrip("/")
+        if verdict.scope is not None:
+            scoped = verdict.scope.decide(Action.http(request.method), resource)
+            if not scoped.allowed:
+                return _insufficient_scope(request, verdict)
         # admission.policy is swapped in place by the gate: decide() reads the current one.
         decision = verdict.decide(Action.http(request.method), resource)
         if not decision.allowed:
@@ -232,7 +271,21 @@ def _guarded(api: DeviceApi, connections: DeviceConnections,
     return handle
 
 
-def _refusal(request: web.Request, refused: Refused) -> web.Response:
+def _insufficient_scope(request: web.Request, admission: Admission) -> web.Response:
+    """RFC 6750 §3.1: the token is fine, its scopes do not reach this route."""
+    scheme = "DPoP" if admission.token_binding == "jkt" else "Bearer"
+    response = problem_response(403, {
+        "type": PROBLEM_BASE + "insufficient-scope", "title": "Insufficient scope",
+        "status": 403,
+        "detail": f"the access token's scopes ({' '.join(admission.scopes) or 'none'}) do "
+                  f"not cover {request.method} {request.path[:200]}",
+        "hint": "request a token with the scope this route needs (docs/credentials.md, "
+                "Scopes)", "instance": request.path})
+    response.headers["WWW-Authenticate"] = f'{scheme} error="insufficient_scope"'
+    return response
+
+
+def _refusal(request: web.Request, refused: Refused, hint: str | None = None) -> web.Response:
     status = refused.code.http_status
     # No WWW-Authenticate on 401: the credential is a TLS client certificate, for which
     # no HTTP authentication scheme exists (RFC 9110 §11.6.1 asks for one only when the
@@ -240,7 +293,7 @@ def _refusal(request: web.Request, refused: Refused) -> web.Response:
     response = problem_response(status, {
         "type": PROBLEM_BASE + "device-refused", "title": "Device refused",
         "status": status, "detail": refused.reason,
-        "hint": _REFUSAL_HINTS.get(refused.code, "ask the operator"),
+        "hint": hint or _REFUSAL_HINTS.get(refused.code, "ask the operator"),
         "reason_code": f"0x{int(refused.code):02x}", "instance": request.path})
     if status == 503:
         response.headers["Retry-After"] = "5"
@@ -291,12 +344,19 @@ async def post_message(kind: str, request: web.Request, api: DeviceApi,
 async def get_self(request: web.Request, api: DeviceApi,
                    admission: Admission) -> web.Response:
     """GET /v1/devices/self: who the server thinks this device is (from memory)."""
-    return web.json_response({
+    certificate = ({"serial": format_serial(admission.serial),
+                    "not_after": _epoch_iso(admission.not_after_epoch)}
+                   if admission.serial else None)
+    body: dict[str, Any] = {
         "id": admission.device_id, "type": admission.device_type, "owner": admission.owner,
         "state": admission.state, "quarantined": admission.quarantined,
-        "firmware_version": admission.firmware_version,
-        "certificate": {"serial": format_serial(admission.serial),
-                        "not_after": _epoch_iso(admission.not_after_epoch)}})
+        "firmware_version": admission.firmware_version, "certificate": certificate,
+        "authenticated_by": admission.auth.value}
+    if admission.auth is not AuthMethod.CERTIFICATE:
+        body["credential_expires_at"] = _epoch_iso(admission.credential_expires_at)
+    if admission.auth is AuthMethod.ACCESS_TOKEN:
+        body["scopes"] = list(admission.scopes)
+    return web.json_response(body)
 
 
 async def get_commands(request: web.Request, api: DeviceApi,
@@ -311,6 +371,12 @@ async def get_commands(request: web.Request, api: DeviceApi,
     transport = request.transport
     if transport is None or transport.is_closing():
         return web.json_response({"items": []})
+    if admission.auth is not AuthMethod.CERTIFICATE:
+        # Not registered as a live connection: ask the gate whether the token or SAS
+        # still stands (revoked, expired, device disabled while we waited).
+        current = api.gate.recheck(admission, channel="https")
+        if isinstance(current, Refused):
+            raise Forbidden(current.reason, hint="get a new access token")
     decision = admission.decide(Action.http(request.method), "v1/commands")
     if not decision.allowed:
         raise Forbidden(decision.reason, hint="this device may no longer fetch commands")

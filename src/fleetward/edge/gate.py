@@ -18,6 +18,8 @@ certificate or a device that may no longer connect is disconnected (MQTT 5 DISCO
 from __future__ import annotations
 
 import hashlib
+import hmac
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -30,9 +32,12 @@ from cryptography.exceptions import InvalidSignature
 
 from fleetward.clock import Clock
 from fleetward.config import ChannelConfig
+from fleetward.crypto.jose import certificate_thumbprint
+from fleetward.crypto.sas import SasRefused, SharedAccessSignature, check_sas
 from fleetward.edge.channel import (
     Action,
     Admission,
+    AuthMethod,
     ChannelPolicy,
     LiveConnections,
     Refusal,
@@ -42,6 +47,10 @@ from fleetward.edge.hooks import Throttle
 from fleetward.model import AuditEvent, Device, DeviceType, LifecycleState, format_serial
 from fleetward.store import Database
 from fleetward.store import channel as channel_rows
+from fleetward.store import revoked_tokens as revoked_rows
+from fleetward.tokens.access import AccessToken
+from fleetward.tokens.credentials import DeviceSecrets as DeviceSecrets
+from fleetward.tokens.scopes import RECOVERY_SCOPES, compile_scope
 
 log = structlog.get_logger("fleetward.gate")
 
@@ -52,13 +61,19 @@ VERIFIED_CERT_CACHE_ENTRIES = 10_000
 EXPIRY_CHECK_SECONDS = 5.0  # live connections outliving their certificate are closed
 
 # Audit actions whose rows mean "reload this device" (target "device:<id>").
+# Credential changes (target "device:<id>") reload the device and its symmetric keys.
+CREDENTIAL_ACTIONS = frozenset({"credential.added", "credential.rotated",
+                                "credential.revoked", "access_token.device_revoked"})
 DEVICE_ACTIONS = frozenset({
     "device.created", "device.state_changed", "certificate.revoked",
-    "enroll.device_registered", "device.firmware_reported"})
+    "enroll.device_registered", "device.firmware_reported"}) | CREDENTIAL_ACTIONS
 POLICY_ACTIONS = frozenset({"policy.put", "policy.deleted", "policy.attached",
                             "policy.detached"})
 TYPE_ACTIONS = frozenset({"device_type.created", "device_type.updated"})
-WATCHED_ACTIONS = DEVICE_ACTIONS | POLICY_ACTIONS | TYPE_ACTIONS
+TOKEN_REVOKED = "access_token.revoked"  # target "access_token:<jti>"
+TOKEN_KEY_ACTIONS = frozenset({"token_key.rotated"})
+WATCHED_ACTIONS = (DEVICE_ACTIONS | POLICY_ACTIONS | TYPE_ACTIONS | TOKEN_KEY_ACTIONS
+                   | {TOKEN_REVOKED})
 
 ADMIN_CLOSE = 0x98  # MQTT 5.0 §2.4 reason code: administrative action
 # A refused MQTT client id is echoed in the CONNACK Reason String and the audit row; it
@@ -96,6 +111,14 @@ class LocalChanges:
                 self._wake()
 
 
+class SecretsLoader(Protocol):
+    """Reads devices' symmetric keys, decrypted (tokens/credentials.py)."""
+
+    def load_all(self, conn: Any) -> dict[str, DeviceSecrets]: ...
+
+    def load_device(self, conn: Any, device_id: str) -> DeviceSecrets | None: ...
+
+
 class PolicyCompiler(Protocol):
     """How the gate gets policies: a snapshot read (SQL, off the loop) and a
     per-connection compile (on the loop, microseconds per statement)."""
@@ -124,10 +147,13 @@ class CacheUpdate:
     policy_snapshot: Any = None
     policy_changed: bool = False
     types: list[DeviceType] | None = None
+    secrets: dict[str, DeviceSecrets | None] = field(default_factory=dict)
+    revoked_tokens: dict[str, float] = field(default_factory=dict)  # jti -> forget after
 
     @property
     def empty(self) -> bool:
-        return not (self.devices or self.revoked or self.policy_changed or self.types)
+        return not (self.devices or self.revoked or self.policy_changed or self.types
+                    or self.revoked_tokens)
 
 
 class TrustGate:
@@ -135,7 +161,10 @@ class TrustGate:
 
     def __init__(self, db: Database, issuing_certificates: Sequence[x509.Certificate],
                  policies: PolicyCompiler, live: LiveConnections, config: ChannelConfig,
-                 clock: Clock, audit_refusal: Callable[[AuditEvent], None]) -> None:
+                 clock: Clock, audit_refusal: Callable[[AuditEvent], None], *,
+                 secrets: SecretsLoader | None = None,
+                 token_keys_changed: Callable[[], None] | None = None,
+                 max_sas_validity_seconds: int = 86400) -> None:
         self._db = db
         self._issuers = list(issuing_certificates)
         self._policies = policies
@@ -152,6 +181,11 @@ class TrustGate:
         self._last_seq = 0
         self._poll_lock = threading.Lock()
         self._next_expiry_check = 0.0
+        self._secrets_loader = secrets
+        self._secrets: dict[str, DeviceSecrets] = {}
+        self._revoked_tokens: dict[str, float] = {}
+        self._token_keys_changed = token_keys_changed
+        self._max_sas_validity = max_sas_validity_seconds
         self.loaded = False
 
     # --- cache fill (worker thread) ---------------------------------------------------
@@ -165,12 +199,17 @@ class TrustGate:
             devices = {d.id: d for d in channel_rows.all_devices(conn)}
             revoked = channel_rows.revoked_serials(conn, self._clock.now())
             types = {t.name: t for t in channel_rows.device_types(conn)}
+            revoked_tokens = revoked_rows.live(conn, self._clock.now())
+            secrets = (self._secrets_loader.load_all(conn)
+                       if self._secrets_loader is not None else {})
         snapshot = self._policies.snapshot()
         self._devices, self._revoked, self._types = devices, revoked, types
+        self._secrets, self._revoked_tokens = secrets, revoked_tokens
         self._policy_snapshot = snapshot
         self._last_seq = last_seq
         self.loaded = True
         log.info("trust caches loaded", devices=len(devices), revoked=len(revoked),
+                 revoked_tokens=len(revoked_tokens), symmetric_keys=len(secrets),
                  change_feed_seq=last_seq)
 
     def poll(self) -> CacheUpdate:
@@ -204,10 +243,20 @@ class TrustGate:
                             update.devices[device_id] = channel_rows.device(conn, device_id)
                             update.revoked |= channel_rows.device_revoked_serials(
                                 conn, device_id)
+                            if self._secrets_loader is not None:
+                                update.secrets[device_id] = self._secrets_loader.load_device(
+                                    conn, device_id)
                     elif change.action in TYPE_ACTIONS:
                         update.types = channel_rows.device_types(conn)
                     elif change.action in POLICY_ACTIONS:
                         update.policy_changed = True
+                    elif change.action == TOKEN_REVOKED:
+                        jti = change.target.removeprefix("access_token:")
+                        forget = revoked_rows.forget_after(conn, jti)
+                        if forget is not None:
+                            update.revoked_tokens[jti] = forget
+                    elif change.action in TOKEN_KEY_ACTIONS and self._token_keys_changed:
+                        self._token_keys_changed()
         if update.policy_changed:
             update.policy_snapshot = self._policies.snapshot()
         self._last_seq = last
@@ -228,17 +277,33 @@ class TrustGate:
         if new_revocations:
             closed += self.live.close_serials(new_revocations, ADMIN_CLOSE,
                                               "certificate revoked")
+        if update.revoked_tokens:
+            self._revoked_tokens.update(update.revoked_tokens)
+            self._forget_revoked_tokens()
+            for closer in self.live.all():
+                if closer.admission.token_jti in update.revoked_tokens:
+                    closer.close(ADMIN_CLOSE, "access token revoked")
+                    closed += 1
         for device_id, device in update.devices.items():
             if device is None:
                 self._devices.pop(device_id, None)
             else:
                 self._devices[device_id] = device
+        for device_id, secrets in update.secrets.items():
+            if secrets is None:
+                self._secrets.pop(device_id, None)
+            else:
+                self._secrets[device_id] = secrets
         touched = set(update.devices) if not update.policy_changed else None
         for closer in self.live.all():
             if touched is not None and closer.device_id not in touched:
                 continue
             verdict = self._decide(closer.admission.serial, closer.device_id, closer.channel,
                                    closer.device_id if closer.channel == "mqtt" else None)
+            if isinstance(verdict, Admission):
+                stale = self._credential_stale(closer.admission)
+                if stale is not None:
+                    verdict = Refused(Refusal.BANNED, stale)
             if isinstance(verdict, Refused):
                 closer.close(ADMIN_CLOSE, verdict.reason)
                 closed += 1
@@ -310,17 +375,178 @@ class TrustGate:
         verdict.not_after_epoch = verified.not_after_epoch
         return verdict
 
-    def recheck(self, admission: Admission) -> Admission | Refused:
+    def recheck(self, admission: Admission, *, channel: str = "mqtt") -> Admission | Refused:
         """See ``DeviceGate.recheck``; not audited (the listener audits what it drops)."""
-        if self._clock.now().timestamp() >= admission.not_after_epoch:
+        now = self._clock.now().timestamp()
+        if now >= admission.not_after_epoch:
             return Refused(Refusal.BAD_CREDENTIALS, "the client certificate has expired")
-        verdict = self._decide(admission.serial, admission.device_id, "mqtt", None)
+        if now >= admission.credential_expires_at:
+            return Refused(Refusal.BAD_CREDENTIALS, f"the {_credential_name(admission)} "
+                                                    "has expired")
+        stale = self._credential_stale(admission)
+        if stale is not None:
+            return Refused(Refusal.BANNED, stale)
+        verdict = self._decide(admission.serial, admission.device_id, channel, None)
         if isinstance(verdict, Admission):
-            verdict.not_after_epoch = admission.not_after_epoch
+            _carry_credential(admission, verdict)
         return verdict
 
+    # --- access tokens and SAS (event loop) ---------------------------------------------
+
+    def admit_token(self, token: AccessToken, *, channel: str, source: str = "",
+                    client_id: str | None = None, peer_der: bytes | None = None,
+                    proof_jkt: str | None = None) -> Admission | Refused:
+        """Admit a peer that presents a verified access token (signature, issuer,
+        audience and times already checked by ``AccessTokenVerifier``).
+
+        The binding is checked here: a ``x5t#S256`` token only with the very
+        certificate on this connection (RFC 8705 §3), a ``jkt`` token only with a
+        proof signed by that key (``proof_jkt``, RFC 9449 §7.1), an unbound token
+        as it is. Then revocation (the token's jti, the device's credential
+        generation) and the device's state and policy, as for certificates; the
+        admission also carries the token's scopes.
+        """
+        if not self.loaded:
+            return self._refuse(Refusal.SERVER_UNAVAILABLE, "the server is starting; retry",
+                                channel, source, None)
+        device_id = token.device_id
+        serial = 0
+        not_after = math.inf
+        if token.binding == "x5t#S256":
+            if not peer_der or not hmac.compare_digest(certificate_thumbprint(peer_der),
+                                                       token.thumbprint or ""):
+                return self._refuse(Refusal.BAD_CREDENTIALS,
+                                    "this access token is bound to a certificate (cnf "
+                                    "x5t#S256): present it with that client certificate",
+                                    channel, source, device_id)
+            verified = self._verify(peer_der)
+            if verified is None or verified.device_id != device_id:
+                return self._refuse(Refusal.BAD_CREDENTIALS,
+                                    "the token's certificate is not a device certificate "
+                                    "of this server", channel, source, device_id)
+            # As in admit(): a resumed TLS session presents its certificate unchecked.
+            now = self._clock.now().timestamp()
+            if not verified.not_before_epoch <= now < verified.not_after_epoch:
+                return self._refuse(Refusal.BAD_CREDENTIALS,
+                                    "the client certificate is expired or not yet valid; "
+                                    "re-enroll", channel, source, device_id, verified.serial)
+            serial, not_after = verified.serial, verified.not_after_epoch
+        elif token.binding == "jkt" and (
+                proof_jkt is None or not hmac.compare_digest(proof_jkt, token.thumbprint or "")):
+            return self._refuse(Refusal.BAD_CREDENTIALS,
+                                "this access token is bound to a key (cnf jkt): "
+                                "present it with a proof signed by that key",
+                                channel, source, device_id)
+        if token.jti in self._revoked_tokens:
+            return self._refuse(Refusal.BANNED, "the access token is revoked", channel,
+                                source, device_id)
+        device = self._devices.get(device_id)
+        if device is not None and device.credential_generation != token.generation:
+            return self._refuse(Refusal.BANNED,
+                                "the access token was revoked (the device's credentials "
+                                "changed since it was issued); get a new one",
+                                channel, source, device_id)
+        verdict = self._decide(serial, device_id, channel, client_id,
+                               scope=self._scope_for(token, device))
+        if isinstance(verdict, Refused):
+            return self._refuse(verdict.code, verdict.reason, channel, source, device_id,
+                                serial or None)
+        if verdict.quarantined and not set(token.scopes) <= RECOVERY_SCOPES:
+            return self._refuse(Refusal.NOT_AUTHORIZED,
+                                "device is quarantined: get a token with the recovery "
+                                "scopes (device:read ota:download)", channel, source,
+                                device_id)
+        verdict.not_after_epoch = not_after
+        verdict.auth = AuthMethod.ACCESS_TOKEN
+        verdict.scopes = token.scopes
+        verdict.credential_expires_at = float(token.expires_at)
+        verdict.token_jti = token.jti
+        verdict.token_binding = token.binding
+        verdict.generation = token.generation
+        return verdict
+
+    def admit_sas(self, device_id: str, sas: SharedAccessSignature, *, channel: str,
+                  source: str = "", client_id: str | None = None) -> Admission | Refused:
+        """Admit a peer that presents a SAS token signed with one of ``device_id``'s
+        symmetric keys (primary or secondary), for that device, not expired and not
+        valid for longer than ``max_sas_validity_seconds``."""
+        if not self.loaded:
+            return self._refuse(Refusal.SERVER_UNAVAILABLE, "the server is starting; retry",
+                                channel, source, None)
+        secrets = self._secrets.get(device_id)
+        if secrets is None:
+            return self._refuse(Refusal.BAD_CREDENTIALS,
+                                "the device has no symmetric key (or it was revoked)",
+                                channel, source, device_id)
+        try:
+            slot = check_sas(sas, device_id, secrets.slots(),
+                             now=self._clock.now().timestamp(),
+                             max_validity_seconds=self._max_sas_validity)
+        except SasRefused as exc:
+            return self._refuse(Refusal.BAD_CREDENTIALS, exc.reason, channel, source,
+                                device_id)
+        verdict = self._decide(0, device_id, channel, client_id)
+        if isinstance(verdict, Refused):
+            return self._refuse(verdict.code, verdict.reason, channel, source, device_id)
+        verdict.auth = AuthMethod.SAS
+        verdict.credential_expires_at = float(sas.expiry)
+        verdict.sas_key = (slot, secrets.version_of(slot))
+        return verdict
+
+    def device(self, device_id: str) -> Device | None:
+        """The cached device (the token endpoint decides from the same cache)."""
+        return self._devices.get(device_id)
+
+    def symmetric_keys(self, device_id: str) -> tuple[bytes, ...]:
+        secrets = self._secrets.get(device_id)
+        return () if secrets is None else (secrets.primary, secrets.secondary)
+
+    def compile_policy(self, device: Device, serial: int = 0) -> ChannelPolicy:
+        """The device's effective policy from the current snapshot (token scopes are
+        narrowed against it)."""
+        return self._policies.compile(self._policy_snapshot, device, serial)
+
+    def verified_certificate(self, der: bytes) -> VerifiedCertificate | None:
+        """``der`` if our issuing CA issued it to a device, it is in its validity period
+        and not revoked; else None."""
+        verified = self._verify(der)
+        if verified is None or verified.serial in self._revoked:
+            return None
+        now = self._clock.now().timestamp()
+        if not verified.not_before_epoch <= now < verified.not_after_epoch:
+            return None
+        return verified
+
+    def is_token_revoked(self, jti: str) -> bool:
+        return jti in self._revoked_tokens
+
+    def _scope_for(self, token: AccessToken, device: Device | None) -> ChannelPolicy | None:
+        return None if device is None else compile_scope(token.scopes, device)
+
+    def _credential_stale(self, admission: Admission) -> str | None:
+        """Why a token or SAS admission may no longer stand, or None."""
+        if admission.auth is AuthMethod.ACCESS_TOKEN:
+            if admission.token_jti in self._revoked_tokens:
+                return "access token revoked"
+            device = self._devices.get(admission.device_id)
+            if device is None or device.credential_generation != admission.generation:
+                return "access token revoked"
+        elif admission.auth is AuthMethod.SAS and admission.sas_key is not None:
+            secrets = self._secrets.get(admission.device_id)
+            slot, version = admission.sas_key
+            if secrets is None or secrets.version_of(slot) != version:
+                return "the symmetric key that signed the SAS token was rotated or revoked"
+        return None
+
+    def _forget_revoked_tokens(self) -> None:
+        now = self._clock.now().timestamp()
+        expired = [jti for jti, until in self._revoked_tokens.items() if until <= now]
+        for jti in expired:
+            del self._revoked_tokens[jti]
+
     def _decide(self, serial: int, device_id: str, channel: str,
-                client_id: str | None) -> Admission | Refused:
+                client_id: str | None,
+                scope: ChannelPolicy | None = None) -> Admission | Refused:
         if serial in self._revoked:
             return Refused(Refusal.BANNED, "the client certificate is revoked")
         device = self._devices.get(device_id)
@@ -339,6 +565,11 @@ class TrustGate:
         policy = self._policies.compile(self._policy_snapshot, device, serial)
         if channel == "mqtt":
             decision = policy.decide(Action.MQTT_CONNECT, device_id)
+            if decision.allowed and scope is not None:
+                decision = scope.decide(Action.MQTT_CONNECT, device_id)
+                if not decision.allowed:
+                    return Refused(Refusal.NOT_AUTHORIZED,
+                                   "the access token's scope lacks mqtt:connect")
             if not decision.allowed:
                 reason = ("device is quarantined: only recovery routes (status, "
                           "re-enrollment, firmware) are open" if
@@ -347,7 +578,7 @@ class TrustGate:
         return Admission(device_id=device_id, device_type=device.type, owner=device.owner,
                          serial=serial, not_after_epoch=float("inf"), state=state.value,
                          quarantined=state is LifecycleState.QUARANTINED, policy=policy,
-                         firmware_version=device.firmware_version)
+                         firmware_version=device.firmware_version, scope=scope)
 
     def _verify(self, der: bytes) -> VerifiedCertificate | None:
         digest = hashlib.sha256(der).digest()
@@ -372,6 +603,13 @@ class TrustGate:
             self._verified.popitem(last=False)
         return verified
 
+    def refuse(self, code: Refusal, reason: str, channel: str, source: str,
+               device_id: str | None, serial: int | None = None) -> Refused:
+        """A refusal, audited like the gate's own (at most once per peer and reason code
+        per window): listeners use it for credentials refused before the gate (a token
+        that does not verify, a bad proof), never with the credential in ``reason``."""
+        return self._refuse(code, reason, channel, source, device_id, serial)
+
     def _refuse(self, code: Refusal, reason: str, channel: str, source: str,
                 device_id: str | None, serial: int | None = None) -> Refused:
         peer = device_id or source.rsplit(":", 1)[0] or "unknown"
@@ -385,6 +623,24 @@ class TrustGate:
                 target=f"device:{device_id}" if device_id else f"remote:{peer}",
                 outcome="failure", details=details))
         return Refused(code, reason)
+
+
+def _credential_name(admission: Admission) -> str:
+    return {AuthMethod.ACCESS_TOKEN: "access token", AuthMethod.SAS: "SAS token"}.get(
+        admission.auth, "credential")
+
+
+def _carry_credential(source: Admission, target: Admission) -> None:
+    """Copy how ``source`` authenticated onto a fresh decision for the same peer."""
+    target.not_after_epoch = source.not_after_epoch
+    target.auth = source.auth
+    target.scope = source.scope
+    target.scopes = source.scopes
+    target.credential_expires_at = source.credential_expires_at
+    target.token_jti = source.token_jti
+    target.token_binding = source.token_binding
+    target.generation = source.generation
+    target.sas_key = source.sas_key
 
 
 def echo_client_id(client_id: str) -> str:

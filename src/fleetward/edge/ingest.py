@@ -7,6 +7,8 @@ then decides what a publish *means*):
 ==========================================  =====================================
 ``devices/<id>/telemetry/<message_type>``   telemetry record → sinks
 ``devices/<id>/events/<message_type>``      event → sinks
+``devices/<id>/messages/events/[<props>]``  telemetry (Azure IoT Hub's topic; the
+                                            message type is the property ``type``)
 ``devices/<id>/command-results/<cmd id>``   the device's answer to a command
 any other topic the policy allowed          routed by the broker only, not sunk
 ==========================================  =====================================
@@ -27,6 +29,7 @@ import asyncio
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -57,6 +60,8 @@ TOPIC_KINDS = {"telemetry": TELEMETRY, "events": EVENT}
 COMMAND_RESULTS = "command-results"
 MESSAGE_TYPE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 ALLOWED_TYPES_SHOWN = 20  # message types listed in one refusal; the rest are counted
+# Message type of Azure-style telemetry whose property bag names none.
+AZURE_MESSAGE_TYPE = "message"
 
 
 class ReasonCode:
@@ -141,6 +146,9 @@ class Ingest:
         """
         try:
             levels = topic.split("/")
+            if (len(levels) >= 4 and levels[0] == "devices" and levels[2] == "messages"
+                    and levels[3] == "events"):
+                return await self._azure_telemetry(admission, levels, payload, topic)
             if len(levels) < 3 or levels[0] != "devices" or (
                     levels[2] not in TOPIC_KINDS and levels[2] != COMMAND_RESULTS):
                 return None  # an ordinary topic: the broker routes it, nothing is stored
@@ -166,6 +174,27 @@ class Ingest:
             log.info("publish refused", device_id=admission.device_id, topic=topic[:200],
                      reason_code=f"0x{refused.code:02x}", reason=refused.error.message)
             return Rejection(refused.code, refused.error.message)
+
+    async def _azure_telemetry(self, admission: Admission, levels: list[str],
+                               payload: bytes, topic: str) -> Rejection | None:
+        """Azure IoT Hub's device-to-cloud topic, ``devices/<id>/messages/events/`` with an
+        optional URL-encoded property bag as the last level: telemetry, of the message
+        type the bag's ``type`` names (``message`` without one), so devices written for
+        Azure's MQTT conventions move over by changing the host name."""
+        if levels[1] != admission.device_id:
+            raise _Refused(ReasonCode.NOT_AUTHORIZED, PolicyViolation(
+                f"topic {topic[:200]!r} belongs to device {levels[1][:128]!r}",
+                hint=f"publish under devices/{admission.device_id}/messages/events/"))
+        if len(levels) > 5:
+            raise _Refused(ReasonCode.TOPIC_NAME_INVALID, InvalidInput(
+                f"topic {topic[:200]!r} has the wrong shape",
+                hint=f"use devices/{admission.device_id}/messages/events/[<property bag>]"))
+        properties = urllib.parse.parse_qs(levels[4]) if len(levels) == 5 else {}
+        message_type = properties.get("type", [AZURE_MESSAGE_TYPE])[0]
+        self._check_type(admission, message_type)
+        record = self._parse(payload)
+        await self._submit(admission, TELEMETRY, message_type, record, "mqtt", topic)
+        return None
 
     async def _command_result(self, admission: Admission, command_id: str,
                               payload: bytes) -> None:

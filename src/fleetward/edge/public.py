@@ -21,6 +21,7 @@ from cryptography.x509 import ocsp
 
 from fleetward.ca import Authority, OcspResponder
 from fleetward.ca.ocsp import MAX_REQUEST_BYTES, unsuccessful
+from fleetward.edge.oauth import OAuthEndpoints, add_discovery_routes
 from fleetward.errors import NotFound
 from fleetward.store import Database
 from fleetward.web.problem import problem_middleware
@@ -93,7 +94,8 @@ class PublicEndpoints:
         return web.Response(body=body, content_type=OCSP_RESPONSE_TYPE)
 
 
-def build_public_app(endpoints: PublicEndpoints) -> web.Application:
+def build_public_app(endpoints: PublicEndpoints,
+                     oauth: OAuthEndpoints | None = None) -> web.Application:
     app = web.Application(middlewares=[problem_middleware],
                           client_max_size=MAX_REQUEST_BYTES + 1)
     app.router.add_get("/healthz", endpoints.health)
@@ -102,4 +104,8 @@ def build_public_app(endpoints: PublicEndpoints) -> web.Application:
     app.router.add_get(r"/ca/{name}.{ext:pem|der}", endpoints.ca_cert)
     app.router.add_post("/ocsp", endpoints.ocsp_post)
     app.router.add_get("/ocsp/{request:.+}", endpoints.ocsp_get)
+    if oauth is not None:
+        # Token metadata and signing keys for relying parties (the device listener
+        # serves the same, under the issuer URL).
+        add_discovery_routes(app, oauth)
     return app

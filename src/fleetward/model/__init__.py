@@ -2,6 +2,7 @@
 
 from fleetward.model.audit import AuditEvent, AuditRecord
 from fleetward.model.device import (
+    DEVICE_ID_PATTERN,
     CertificateRecord,
     CertificateStatus,
     Device,
@@ -15,6 +16,7 @@ from fleetward.model.device import (
 from fleetward.model.lifecycle import (
     ISSUABLE_STATES,
     REVOKING_STATES,
+    TOKEN_ENDING_STATES,
     TRANSITIONS,
     LifecycleState,
     check_transition,
@@ -23,8 +25,10 @@ from fleetward.model.lifecycle import (
 from fleetward.model.operator import Operator, Role, role_allows
 
 __all__ = [
+    "DEVICE_ID_PATTERN",
     "ISSUABLE_STATES",
     "REVOKING_STATES",
+    "TOKEN_ENDING_STATES",
     "TRANSITIONS",
     "AuditEvent",
     "AuditRecord",

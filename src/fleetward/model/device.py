@@ -62,6 +62,8 @@ class Device:
     created_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
     last_seen_at: dt.datetime | None = None
+    # Access tokens carry the generation they were issued under; +1 kills them all.
+    credential_generation: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,12 @@ REVOKING_STATES: dict[LifecycleState, str] = {
     S.RETIRED: "cessation_of_operation",
 }
 
+# States whose entry ends every access token the device holds (its credential
+# generation moves on): a token must not outlive the decision that took the device out
+# of service, even if an operator switches it back on later.
+TOKEN_ENDING_STATES: frozenset[LifecycleState] = frozenset(
+    {S.DISABLED, S.QUARANTINED, S.COMPROMISED, S.RETIRED})
+
 
 def parse_state(value: str) -> LifecycleState:
     """Parse a state name, with an error that lists the valid ones."""

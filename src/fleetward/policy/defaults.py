@@ -3,7 +3,8 @@
 ``default`` applies to a device when neither the device nor its type has any policy
 attached; an operator may also attach it explicitly to combine it with others. It lets
 a device act as itself and nothing more: connect with its own id, publish its own
-telemetry, events and command results, subscribe to and receive its own commands, use
+telemetry (also on Azure IoT Hub's ``devices/<id>/messages/events/`` topic), events and
+command results, subscribe to and receive its own commands, use
 the device HTTPS API on its own behalf, re-enroll and download firmware.
 
 ``quarantine`` replaces every other policy while a device is quarantined (ARCHITECTURE
@@ -29,7 +30,7 @@ DEFAULT_DOCUMENT = parse_document({"statements": [
      "resources": ["${device.id}"]},
     {"sid": "publish-own", "effect": "allow", "actions": ["mqtt:publish"],
      "resources": [f"{_OWN}/telemetry/#", f"{_OWN}/events/#",
-                   f"{_OWN}/command-results/+"]},
+                   f"{_OWN}/command-results/+", f"{_OWN}/messages/events/#"]},
     {"sid": "own-commands", "effect": "allow", "actions": ["mqtt:subscribe", "mqtt:receive"],
      "resources": [f"{_OWN}/commands/#"]},
     {"sid": "https-post", "effect": "allow", "actions": ["http:POST"],

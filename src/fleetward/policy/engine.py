@@ -266,6 +266,20 @@ class CompiledPolicy:
             return rule.decision
         return _no_match(action, resource)
 
+    def allows_any(self, action: str, topic_filter: str) -> bool:
+        """Whether some allow resource of ``action`` overlaps ``topic_filter`` (a name
+        or a filter) and no deny resource covers all of it: "does the policy open
+        anything here". Used to narrow token scopes, never to decide a request."""
+        if self._failure is not None:
+            return False
+        rules = self._rules.get(action)
+        if rules is None or rules.deny_all:
+            return False
+        if any(filter_covers(r.match.resource, topic_filter) for r in rules.deny_list):
+            return False
+        return any(filters_intersect(r.match.resource, topic_filter)
+                   for r in rules.allow_list)
+
     def decide_uncached(self, action: str, resource: str) -> Decision:
         """``decide`` without the per-connection cache (for benchmarks and tests)."""
         if self._failure is not None:

@@ -7,7 +7,7 @@ same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -29,6 +29,7 @@ from fleetward.errors import (
 from fleetward.model import (
     ISSUABLE_STATES,
     REVOKING_STATES,
+    TOKEN_ENDING_STATES,
     TRANSITIONS,
     AuditEvent,
     CertificateRecord,
@@ -66,6 +67,10 @@ class Registry:
         self.audit = audit
         self.clock = clock
         self.profiles = profiles_from_config(authority.config)
+        # Revokes a device's other credentials (symmetric and public keys) inside the
+        # transaction that compromises or retires it; set by the node
+        # (``DeviceCredentialService.revoke_all_in``).
+        self.credential_revoker: Callable[[Connection, str, str, str], object] | None = None
 
     # --- device types -----------------------------------------------------------------
 
@@ -230,6 +235,10 @@ class Registry:
                 )
             now = self.clock.now()
             device_rows.update_state(conn, device_id, target, now)
+            if target in TOKEN_ENDING_STATES:
+                # Every access token the device holds dies with this change (the gate
+                # reloads the device from this transaction's audit row).
+                device_rows.bump_credential_generation(conn, device_id)
             self.audit.append(
                 conn,
                 AuditEvent(
@@ -242,6 +251,9 @@ class Registry:
             revoked: tuple[CertificateRecord, ...] = ()
             if target in REVOKING_STATES:
                 revoked = self._revoke_all(conn, device_id, REVOKING_STATES[target], actor)
+                if self.credential_revoker is not None:
+                    # Symmetric keys and registered public keys go with the certificates.
+                    self.credential_revoker(conn, device_id, actor, f"device {target.value}")
             updated = _require_device(conn, device_id)
         log.info(
             "device state changed",

@@ -102,3 +102,4 @@ def touch_last_seen(conn: Connection, seen: dict[str, dt.datetime]) -> None:
         update(devices).where(devices.c.id == bindparam("device_id"))
         .values(last_seen_at=bindparam("seen_at")),
         [{"device_id": device_id, "seen_at": at} for device_id, at in seen.items()])
+

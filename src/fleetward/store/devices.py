@@ -96,6 +96,16 @@ def update_state(conn: Connection, device_id: str, state: LifecycleState, at: dt
     )
 
 
+def bump_credential_generation(conn: Connection, device_id: str) -> None:
+    """Invalidate every access token the device holds (they name the old generation).
+
+    Runs inside the transaction that makes the change (state change, revocation), whose
+    audit row is the change feed entry that makes every node reload the device.
+    """
+    conn.execute(update(devices).where(devices.c.id == device_id).values(
+        credential_generation=devices.c.credential_generation + 1))
+
+
 def device_from_row(row: RowMapping) -> Device:
     return Device(
         id=row["id"],
@@ -107,6 +117,7 @@ def device_from_row(row: RowMapping) -> Device:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         last_seen_at=row["last_seen_at"],
+        credential_generation=int(row["credential_generation"] or 0),
     )
 
 

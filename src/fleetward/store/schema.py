@@ -105,6 +105,10 @@ devices = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("last_seen_at", UTCDateTime, nullable=True),
+    # +1 whenever the device's outstanding access tokens must die (disabled,
+    # quarantined, compromised, retired, a certificate revoked): tokens carry the value
+    # they were issued under (claim fw_gen) and are refused once it moved on.
+    Column("credential_generation", Integer, nullable=False, default=0),
     Index("ix_devices_state", "state"),
     Index("ix_devices_type", "type"),
     Index("ix_devices_owner", "owner"),
@@ -268,4 +272,88 @@ device_commands = Table(
     Column("completed_at", UTCDateTime, nullable=True),
     Column("result", JSON, nullable=True),
     Index("ix_device_commands_device_id", "device_id", "status"),
+)
+
+# --- credentials for every device class (issue 11) ----------------------------------------
+
+# Keys that sign access tokens (ES256). One is active; retired ones stay in the JWKS until
+# the tokens they signed have expired, then they are dropped.
+token_signing_keys = Table(
+    "token_signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("algorithm", String(16), nullable=False),  # ES256
+    Column("key_ref", JSON, nullable=False),  # where the private key is (never the key)
+    Column("public_jwk", JSON, nullable=False),  # RFC 7517, as published in the JWKS
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("retired_at", UTCDateTime, nullable=True),  # stopped signing
+    Column("expires_at", UTCDateTime, nullable=True),  # leaves the JWKS; refused after
+)
+
+# Credentials a device holds besides certificates: raw public keys (for TLS-less
+# devices' client assertions) and symmetric keys (SAS tokens, client_secret_jwt).
+# Symmetric keys are stored only encrypted (AES-256-GCM under the credential KEK,
+# associated data = credential id, device id and slot).
+device_credentials = Table(
+    "device_credentials",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device_id", String(128), ForeignKey("devices.id"), nullable=False),
+    Column("kind", String(16), nullable=False),  # public_key | symmetric_key
+    Column("public_key_pem", Text, nullable=True),
+    Column("jkt", String(64), nullable=True),  # RFC 7638 thumbprint of the public key
+    Column("primary_ciphertext", LargeBinary, nullable=True),
+    Column("secondary_ciphertext", LargeBinary, nullable=True),
+    # Bumped when a slot's key is regenerated: SAS sessions signed with the old key end.
+    Column("primary_version", Integer, nullable=False, default=0),
+    Column("secondary_version", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("rotated_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Index("ix_device_credentials_device_id", "device_id", "kind"),
+    Index("ix_device_credentials_jkt", "jkt"),
+)
+
+# Keys for gateways, back-office integrations and resource servers: fwk_<id>.<secret>,
+# stored as SHA-256 only; a rotation keeps the previous secret valid for a grace period.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("previous_secret_sha256", String(64), nullable=True),
+    Column("previous_valid_until", UTCDateTime, nullable=True),
+    Column("scopes", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("rotated_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+# Access tokens revoked one by one (by jti). Kept until the longest token they could
+# name has expired; every node holds the live ones in memory.
+revoked_access_tokens = Table(
+    "revoked_access_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("device_id", String(128), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=False),
+    Column("revoked_by", String(200), nullable=False),
+    Column("forget_after", UTCDateTime, nullable=False),
+    Index("ix_revoked_access_tokens_forget_after", "forget_after"),
+)
+
+# Data-encryption keys, stored only wrapped by the key-encryption key (a file in
+# secrets/ or an AES key on the PKCS#11 token): envelope encryption, so the KEK is used
+# once at start-up and never per secret.
+data_keys = Table(
+    "data_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),  # e.g. "device-credentials"
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("kek_ref", JSON, nullable=False),  # which KEK wrapped it (never the KEK)
+    Column("created_at", UTCDateTime, nullable=False),
 )

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
+import math
+import os
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -43,11 +46,14 @@ from fleetward.config import MqttConfig
 from fleetward.edge.channel import (
     Action,
     Admission,
+    AuthMethod,
     Closer,
     DeviceGate,
     LiveConnections,
+    Refusal,
     Refused,
 )
+from fleetward.edge.credentials import TOKEN_AUTH_METHOD, PresentedCredentials
 from fleetward.edge.mqtt import codec as c
 from fleetward.edge.mqtt.broker import Broker
 from fleetward.edge.mqtt.codec import ReasonCode
@@ -58,6 +64,7 @@ from fleetward.policy.topics import (
     validate_topic_filter,
     validate_topic_name,
 )
+from fleetward.tokens.access import AccessToken
 from fleetward.web.tls_gate import ListenerLimits, TLSAcceptor, format_peer
 
 log = structlog.get_logger("fleetward.mqtt")
@@ -84,6 +91,8 @@ KEEPALIVE_GRACE_FACTOR: Final = 1.5
 # A session timer fires one second late rather than early: the clock truncates to
 # whole seconds and a session or will must never go before its interval (§3.1.2.11.2).
 CLOCK_SLACK_SECONDS: Final = 1.0
+# Bytes of the server's challenge in FW-TOKEN enhanced authentication (docs/credentials.md).
+AUTH_CHALLENGE_BYTES: Final = 32
 # 3.1.1 §3.2.2.3 return code 1: unacceptable protocol version (sent before we know the
 # client's version, so in the 3.1.1 format every 3.x client reads).
 V311_UNSUPPORTED_VERSION_CONNACK: Final = b"\x20\x02\x00\x01"
@@ -173,12 +182,16 @@ class MqttServer:
         ssl_context: the listener's TLS context (``fleetward.web.tls.server_context``
             with ``require_client_cert=True`` and our issuing CA as client CA).
         clock: wall time for session expiry, will delay and message expiry.
+        credentials: checks access tokens and SAS tokens in CONNECT (password or
+            ``FW-TOKEN`` enhanced authentication); None: client certificates only.
     """
 
     def __init__(self, gate: DeviceGate, live: LiveConnections, hooks: MqttHooks,
                  config: MqttConfig, ssl_context: ssl.SSLContext,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 credentials: PresentedCredentials | None = None) -> None:
         self.gate = gate
+        self.credentials = credentials
         self.live = live
         self.hooks = hooks
         self.config = config
@@ -480,6 +493,34 @@ class _Resumed:
 
 # --- one connection ----------------------------------------------------------------------------
 
+
+@dataclass(slots=True)
+class _PendingAuth:
+    """An ``FW-TOKEN`` exchange waiting for the client's proof."""
+
+    connect: c.Connect | None  # the CONNECT it belongs to; None for a re-authentication
+    token: AccessToken
+    token_text: str
+    challenge: bytes
+    client_id: str
+
+
+def _renew(admission: Admission, fresh: Admission) -> None:
+    """Re-authentication succeeded: the live admission (registered with the gate and
+    the session) takes the new token's scopes, expiry and revocation markers in place."""
+    admission.policy = fresh.policy
+    admission.state = fresh.state
+    admission.quarantined = fresh.quarantined
+    admission.firmware_version = fresh.firmware_version
+    admission.scope = fresh.scope
+    admission.scopes = fresh.scopes
+    admission.credential_expires_at = fresh.credential_expires_at
+    admission.token_jti = fresh.token_jti
+    admission.token_binding = fresh.token_binding
+    admission.generation = fresh.generation
+    admission.serial = fresh.serial
+    admission.not_after_epoch = fresh.not_after_epoch
+
 _STEP_PUBLISH: Final = 0  # an inbound PUBLISH waiting for accept_publish
 _STEP_PACKET: Final = 1  # a packet to handle after the ones before it
 _STEP_WRITE: Final = 2  # bytes to send after the acknowledgements before them
@@ -537,6 +578,12 @@ class _Connection(asyncio.Protocol):
         self.unacked_in = 0  # inbound QoS > 0 PUBLISHes not yet acknowledged
         self.timer: asyncio.TimerHandle | None = None
         self.abort_timer: asyncio.TimerHandle | None = None
+        # Enhanced authentication (§4.12): the method CONNECT named, an exchange waiting
+        # for the client's AUTH, and the timer that ends the session when the token or
+        # SAS expires.
+        self.auth_method: str | None = None
+        self.pending_auth: _PendingAuth | None = None
+        self.credential_timer: asyncio.TimerHandle | None = None
 
     # --- SessionLink -----------------------------------------------------------------------
 
@@ -694,6 +741,9 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.credential_timer is not None:
+            self.credential_timer.cancel()
+            self.credential_timer = None
 
     def _connect_timeout(self) -> None:
         self.timer = None
@@ -752,7 +802,15 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, packet: c.Packet) -> None:
         if self.admission is None:
             if isinstance(packet, c.Connect):
+                if self.version:
+                    raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                            "second CONNECT (§3.1 [MQTT-3.1.0-2])")
                 self._on_connect(packet)
+            elif isinstance(packet, c.Auth) and self.pending_auth is not None:
+                self._on_connect_auth(packet)
+            elif self.version:
+                raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                        f"{type(packet).__name__} before CONNACK (§4.12)")
             return
         session = self.session
         if isinstance(packet, c.Puback):
@@ -772,8 +830,7 @@ class _Connection(asyncio.Protocol):
                                     "PUBREC/PUBCOMP for a QoS 2 message this server never "
                                     "sends (Maximum QoS 1)")
         elif isinstance(packet, c.Auth):
-            raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
-                                    "AUTH without an Authentication Method in CONNECT (§4.12)")
+            self._on_reauth(packet)
         else:
             raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
                                     f"{type(packet).__name__} is sent by servers, not clients")
@@ -852,34 +909,191 @@ class _Connection(asyncio.Protocol):
 
     def _on_connect(self, packet: c.Connect) -> None:
         self._cancel_timer()
-        server = self.server
-        config = self.config
-        self.version = version = packet.protocol_version
-        v5 = version == c.MQTT_5
-        props = packet.properties
+        self.version = packet.protocol_version
         if not packet.client_id:
             # The client id must be the device id; an empty one would get a generated
             # id (3.1.1 §3.1.3.1, 5.0 §3.1.3.1), which can never match a certificate.
             self._refuse_connect(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
                                  "the client id must be the device id of the certificate")
             return
-        if v5 and props.authentication_method is not None:
-            self._refuse_connect(ReasonCode.BAD_AUTHENTICATION_METHOD,
-                                 "enhanced authentication is not supported; the client "
-                                 "certificate authenticates (§4.12)")
-            return
         try:
-            admitted = server.gate.admit(self.peer_der, channel="mqtt",
-                                         client_id=packet.client_id, source=self.source)
+            admitted = self._authenticate(packet)
         except Exception:
             log.exception("mqtt gate failed", source=self.source)
             self._refuse_connect(ReasonCode.SERVER_UNAVAILABLE, "the server cannot decide now")
             return
+        if admitted is None:
+            return  # an AUTH exchange is under way (FW-TOKEN challenge)
         if isinstance(admitted, Refused):
             # The gate audits its own refusals.
             self._refuse_connect(admitted.code, admitted.reason, audit=False)
             return
-        admission = admitted
+        self._complete_connect(packet, admitted)
+
+    def _authenticate(self, packet: c.Connect) -> Admission | Refused | None:
+        """Who the CONNECT is from: ``FW-TOKEN`` enhanced authentication (v5), an access
+        or SAS token in the password, or the client certificate (docs/credentials.md).
+        None while a challenge waits for the client's AUTH."""
+        server = self.server
+        credentials = server.credentials
+        method = packet.properties.authentication_method if self.version == c.MQTT_5 else None
+        if method is not None:
+            if method != TOKEN_AUTH_METHOD or credentials is None:
+                reason = (f"authentication method {method[:40]!r} is not supported; use "
+                          f"{TOKEN_AUTH_METHOD} (§4.12), a token in the password, or a "
+                          "client certificate")
+                if credentials is None:
+                    return Refused(Refusal.BAD_AUTHENTICATION_METHOD, reason)
+                return credentials.gate.refuse(Refusal.BAD_AUTHENTICATION_METHOD, reason,
+                                               "mqtt", self.source, None)
+            if packet.password is not None:
+                return credentials.gate.refuse(
+                    Refusal.BAD_CREDENTIALS, f"{TOKEN_AUTH_METHOD} carries the token in "
+                    "the Authentication Data; send no password", "mqtt", self.source, None)
+            return self._start_token_auth(packet, packet.properties.authentication_data,
+                                          None)
+        if packet.password is not None and credentials is not None:
+            admitted = credentials.mqtt_password(
+                packet.username, packet.password, client_id=packet.client_id,
+                peer_der=self.peer_der, source=self.source)
+            if admitted is not None:
+                return admitted
+        if self.peer_der is None and credentials is not None:
+            return credentials.gate.refuse(
+                Refusal.BAD_CREDENTIALS, "no credentials: connect with a client certificate "
+                "from this server's CA, or send an access token or SAS token as the password "
+                "(docs/credentials.md)", "mqtt", self.source, None)
+        return server.gate.admit(self.peer_der, channel="mqtt", client_id=packet.client_id,
+                                 source=self.source)
+
+    def _start_token_auth(self, packet: c.Connect | None, data: bytes | None,
+                          reauth_of: Admission | None) -> Admission | Refused | None:
+        """``FW-TOKEN`` step 1: verify the token; a key-bound one gets a challenge."""
+        credentials = self.server.credentials
+        assert credentials is not None
+        verified = credentials.mqtt_token(data, self.source)
+        if isinstance(verified, Refused):
+            return verified
+        token, text = verified
+        client_id = packet.client_id if packet is not None else (
+            reauth_of.device_id if reauth_of is not None else "")
+        if reauth_of is not None and token.device_id != reauth_of.device_id:
+            return credentials.gate.refuse(
+                Refusal.NOT_AUTHORIZED, "re-authentication must be for the same device",
+                "mqtt", self.source, reauth_of.device_id)
+        if token.binding != "jkt":
+            return credentials.mqtt_admit(token, text, client_id=client_id,
+                                          peer_der=self.peer_der, source=self.source)
+        challenge = os.urandom(AUTH_CHALLENGE_BYTES)
+        self.pending_auth = _PendingAuth(packet, token, text, challenge, client_id)
+        self._send(c.encode(c.Auth(ReasonCode.CONTINUE_AUTHENTICATION, c.Properties(
+            authentication_method=TOKEN_AUTH_METHOD, authentication_data=challenge)),
+            c.MQTT_5))
+        if packet is not None:
+            # §4.12: the whole exchange must finish within the CONNECT timeout.
+            self.timer = self.loop.call_later(float(self.config.connect_timeout_seconds),
+                                              self._connect_timeout)
+        return None
+
+    def _finish_token_auth(self, packet: c.Auth) -> Admission | Refused:
+        """``FW-TOKEN`` step 2: the client's AUTH answers the challenge with a proof."""
+        pending = self.pending_auth
+        credentials = self.server.credentials
+        assert pending is not None and credentials is not None
+        self.pending_auth = None
+        if (packet.reason_code != ReasonCode.CONTINUE_AUTHENTICATION
+                or packet.properties.authentication_method != TOKEN_AUTH_METHOD):
+            raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                    f"expected AUTH 0x18 with method {TOKEN_AUTH_METHOD} "
+                                    "answering the challenge (§4.12)")
+        return credentials.mqtt_admit(pending.token, pending.token_text,
+                                      client_id=pending.client_id, peer_der=self.peer_der,
+                                      source=self.source,
+                                      proof=packet.properties.authentication_data or b"",
+                                      challenge=pending.challenge)
+
+    def _on_connect_auth(self, packet: c.Auth) -> None:
+        pending = self.pending_auth
+        assert pending is not None and pending.connect is not None
+        self._cancel_timer()
+        admitted = self._finish_token_auth(packet)
+        if isinstance(admitted, Refused):
+            self._refuse_connect(admitted.code, admitted.reason, audit=False)
+            return
+        self._complete_connect(pending.connect, admitted)
+
+    def _on_reauth(self, packet: c.Auth) -> None:
+        """Re-authentication (§4.12.1): a fresh token (and its proof) while the session
+        goes on. Failure ends the session with DISCONNECT 0x87."""
+        admission = self.admission
+        if self.auth_method is None or admission is None:
+            raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                    "AUTH without an Authentication Method in CONNECT (§4.12)")
+        if packet.properties.authentication_method != self.auth_method:
+            raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                    "AUTH with another Authentication Method than CONNECT's "
+                                    "(§4.12.1)")
+        if packet.reason_code == ReasonCode.RE_AUTHENTICATE and self.pending_auth is None:
+            verdict = self._start_token_auth(None, packet.properties.authentication_data,
+                                             admission)
+            if verdict is None:
+                return  # challenge sent
+        elif (packet.reason_code == ReasonCode.CONTINUE_AUTHENTICATION
+              and self.pending_auth is not None):
+            verdict = self._finish_token_auth(packet)
+        else:
+            raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                    "unexpected AUTH reason code (§4.12.1)")
+        if isinstance(verdict, Refused):
+            self.close(f"re-authentication refused: {verdict.reason}", will=False,
+                       code=ReasonCode.NOT_AUTHORIZED,
+                       reason=f"re-authentication refused: {verdict.reason}")
+            return
+        _renew(admission, verdict)
+        self._write(c.Auth(ReasonCode.SUCCESS, c.Properties(
+            authentication_method=TOKEN_AUTH_METHOD)))
+        self._schedule_credential_expiry()
+        self._recheck_subscriptions()  # the new token's scopes may be narrower
+
+    def _schedule_credential_expiry(self) -> None:
+        if self.credential_timer is not None:
+            self.credential_timer.cancel()
+            self.credential_timer = None
+        admission = self.admission
+        if admission is None or math.isinf(admission.credential_expires_at):
+            return
+        delay = max(0.0, admission.credential_expires_at - self.server.now())
+        self.credential_timer = self.loop.call_later(delay, self._credential_expired)
+
+    def _credential_expired(self) -> None:
+        """The token or SAS that authenticated the session has expired: DISCONNECT 0xA0
+        Maximum connect time (5.0; 3.1.1: close). Why 0xA0 and not 0x87: see
+        docs/credentials.md ("Expiry"). No will: the device's authority has ended."""
+        self.credential_timer = None
+        admission = self.admission
+        if admission is None or self.closing:
+            return
+        if admission.credential_expires_at > self.server.now():
+            self._schedule_credential_expiry()  # re-authenticated meanwhile
+            return
+        name = "access token" if admission.auth is AuthMethod.ACCESS_TOKEN else "SAS token"
+        at = dt.datetime.fromtimestamp(admission.credential_expires_at, dt.UTC)
+        reason = (f"the {name} expired at {at.isoformat().replace('+00:00', 'Z')}; "
+                  + ("re-authenticate (AUTH 0x19) before it expires, or " if
+                     self.auth_method else "")
+                  + f"reconnect with a new {name}")
+        self.close(f"{name} expired", will=False, code=ReasonCode.MAXIMUM_CONNECT_TIME,
+                   reason=reason)
+
+    def _complete_connect(self, packet: c.Connect, admission: Admission) -> None:
+        """CONNECT after authentication: will, keep alive, session, CONNACK."""
+        server = self.server
+        config = self.config
+        version = self.version
+        v5 = version == c.MQTT_5
+        props = packet.properties
+        if v5 and props.authentication_method is not None:
+            self.auth_method = props.authentication_method
         will = packet.will
         if will is not None:
             refusal = self._check_will(will, admission)
@@ -942,7 +1156,8 @@ class _Connection(asyncio.Protocol):
                 subscription_identifier_available=1,
                 shared_subscription_available=0,
                 server_keep_alive=(keep_alive if keep_alive != requested_keep_alive
-                                   else None))
+                                   else None),
+                authentication_method=self.auth_method)
         self.admission = admission
         self.session = session
         self.will = will
@@ -961,6 +1176,7 @@ class _Connection(asyncio.Protocol):
         self.last_packet = self.loop.time()
         self.timer = self.loop.call_later(self.keep_alive * KEEPALIVE_GRACE_FACTOR,
                                           self._keepalive_check)
+        self._schedule_credential_expiry()
         session.resume(self)
 
     def _check_will(self, will: c.Will, admission: Admission) -> tuple[int, str] | None:
