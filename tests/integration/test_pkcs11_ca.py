@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pkcs11
 import pytest
 from cryptography import x509
@@ -399,6 +400,33 @@ def test_cli_init_with_pkcs11_keeps_ca_keys_on_the_token(softhsm: SoftHsm,
         checked = crl_checked_verify(server.public_url, server.chain, cert, tmp_path)
         assert checked.returncode != 0, checked.stdout
         assert "certificate revoked" in checked.stdout + checked.stderr
+
+        # Access tokens are signed on the token too (the CA's backend): the key the JWKS
+        # publishes is a non-extractable token key, and an issued token verifies with it.
+        server.cli("device", "add", "p11-token-dev", "--type", "default")
+        run("openssl", "req", "-new", "-key", key, "-out", csr, "-subj", "/CN=p11-token-dev")
+        server.cli("cert", "issue", "--device", "p11-token-dev", "--csr", str(csr),
+                   "--out", str(cert))
+        issuer = f"https://127.0.0.1:{server.device_port}"
+        answer = run("curl", "-sS", "--fail-with-body", "--cacert", server.chain,
+                     "--cert", cert, "--key", key, "-d", "grant_type=client_credentials",
+                     "-d", "client_id=p11-token-dev", f"{issuer}/oauth2/token").stdout
+        token = json.loads(answer)["access_token"]
+        jwks = json.loads(run("curl", "-sS", f"{server.public_url}/.well-known/jwks.json").stdout)
+        [published] = jwks["keys"]
+        claims = jwt.decode(token, jwt.PyJWK(published).key, algorithms=["ES256"],
+                            audience=issuer, issuer=issuer)
+        assert claims["sub"] == "p11-token-dev"
+        # This process is logged in to the token already (softhsm.open above), and
+        # PKCS#11 login state is per application: a plain session sees private objects.
+        with pkcs11.lib(MODULE).get_token(token_label="fw-cli").open() as session:
+            labels = [k.label for k in session.get_objects({
+                Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY})]
+        [token_label] = [label for label in labels if label.startswith("fleetward-token-")]
+        token_key = softhsm.open("fw-cli", token_label)
+        assert same_key(token_key.public_key(), jwt.PyJWK(published).key)
+        assert token_key.token_private_key[Attribute.NEVER_EXTRACTABLE] is True
+        assert private_key_files(data_dir) == {"keys/server.key"}  # no token key file
     finally:
         stop_server(server)
     assert "Traceback" not in server.log_file.read_text()

@@ -185,9 +185,9 @@ def wrong_issuer(t: Tokens) -> str:
     return t.forge(iss="https://evil.example.com:8443")
 
 
-def expired_beyond_the_skew(t: Tokens) -> str:
-    exp = t.now - SKEW
-    return t.forge(iat=exp - 900, nbf=exp - 900, exp=exp)
+def expired(t: Tokens) -> str:
+    """exp is strict (no skew): a session ends at exp, so nothing is accepted at it."""
+    return t.forge(iat=t.now - 900, nbf=t.now - 900, exp=t.now)
 
 
 def not_yet_valid_beyond_the_skew(t: Tokens) -> str:
@@ -262,7 +262,7 @@ FORGERIES: list[tuple[Callable[[Tokens], str], str]] = [
     (missing_kid, "unknown or rotated-out signing key"),
     (wrong_audience, "another audience"),
     (wrong_issuer, "issued by someone else"),
-    (expired_beyond_the_skew, "expired"),
+    (expired, "expired"),
     (not_yet_valid_beyond_the_skew, "not valid yet"),
     (lifetime_above_the_maximum, f"longer than the {MAX_LIFETIME} s"),
     (wrong_typ, "typ must be at\\+jwt"),
@@ -296,8 +296,8 @@ def test_forged_token_is_refused(tokens: Tokens, forgery: Callable[[Tokens], str
 
 
 @pytest.mark.parametrize("control", [
-    pytest.param(lambda t: t.forge(exp=t.now - SKEW + 1, iat=t.now - 900, nbf=t.now - 900),
-                 id="expired_within_the_skew"),
+    pytest.param(lambda t: t.forge(exp=t.now + 1, iat=t.now - 900, nbf=t.now - 900),
+                 id="one_second_before_exp"),
     pytest.param(lambda t: t.forge(iat=t.now + SKEW, nbf=t.now + SKEW,
                                    exp=t.now + SKEW + 900), id="future_within_the_skew"),
     pytest.param(lambda t: t.forge(exp=t.now + MAX_LIFETIME), id="exactly_max_lifetime"),
@@ -434,7 +434,7 @@ def test_key_rotated_out_on_another_node_is_refused_after_reload(
 def test_verified_cache_rechecks_expiry(tokens: Tokens) -> None:
     issued = tokens.issuer.issue("d1", ("device:read",), "jkt", "k" * 43, 0, 900)
     tokens.verifier.verify(issued.token)
-    tokens.clock.advance(dt.timedelta(seconds=900 + SKEW - 1))
+    tokens.clock.advance(dt.timedelta(seconds=900 - 1))
     tokens.verifier.verify(issued.token)  # control: from the cache, still valid
     tokens.clock.advance(dt.timedelta(seconds=1))
     with pytest.raises(TokenRefused, match="expired"):

@@ -132,7 +132,9 @@ class PresentedCredentials:
                       peer_der: bytes | None, source: str) -> Admission | Refused | None:
         """Admit a CONNECT by what its password carries: a SAS token, an access token, or
         an access token and its proof. None when the password is none of these (a client
-        with a certificate may send any user name and password; the certificate decides).
+        with a certificate may send any other user name and password; the certificate
+        decides). A password shaped like a token is a token: it is verified, and refused
+        if it does not verify — a bad credential never falls back to another one.
         """
         if len(password) > MAX_PASSWORD_BYTES:
             return self.gate.refuse(Refusal.BAD_CREDENTIALS, "the password is too long",

@@ -243,9 +243,15 @@ def _guarded(api: DeviceApi, connections: DeviceConnections,
     async def handle(request: web.Request) -> web.StreamResponse:
         verdict = connections.admit(request)
         if isinstance(verdict, HttpRefused):
-            response = _refusal(request, verdict.refused, TOKEN_HINT if (
-                verdict.refused.code is Refusal.BAD_CREDENTIALS) else None)
-            if response.status == 401:
+            # RFC 6750 §3.1: a token that is invalid, expired or revoked is 401
+            # invalid_token with a challenge (clients read it as "get a new token"), whatever
+            # the reason code (0x8a revoked, 0x87 device state) says in the body.
+            refused = verdict.refused
+            unavailable = refused.code is Refusal.SERVER_UNAVAILABLE
+            response = _refusal(request, refused, TOKEN_HINT if (
+                refused.code is Refusal.BAD_CREDENTIALS) else None,
+                status=None if unavailable else 401)
+            if not unavailable:
                 response.headers["WWW-Authenticate"] = verdict.challenge
             return response
         if isinstance(verdict, Refused):
@@ -285,8 +291,9 @@ def _insufficient_scope(request: web.Request, admission: Admission) -> web.Respo
     return response
 
 
-def _refusal(request: web.Request, refused: Refused, hint: str | None = None) -> web.Response:
-    status = refused.code.http_status
+def _refusal(request: web.Request, refused: Refused, hint: str | None = None,
+             status: int | None = None) -> web.Response:
+    status = status or refused.code.http_status
     # No WWW-Authenticate on 401: the credential is a TLS client certificate, for which
     # no HTTP authentication scheme exists (RFC 9110 §11.6.1 asks for one only when the
     # client can answer a challenge in HTTP).

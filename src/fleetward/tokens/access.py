@@ -11,8 +11,9 @@ token was issued — the per-device not-before that revocation moves on.
 Verification follows RFC 8725: one algorithm (ES256; ``none`` and HS256 keyed with our
 public key are refused by the allow-list), ``typ`` must be ``at+jwt`` (RFC 9068 §4),
 the ``kid`` must name a key that may still verify, ``iss``/``aud`` must be ours,
-``exp``/``nbf``/``iat`` are checked against the injected clock with a bounded skew, and
-no token may live longer than the configured maximum.
+``nbf``/``iat`` are checked against the injected clock with a bounded skew and ``exp``
+without one (a session ends at ``exp``, so nothing is accepted after it), and no token may
+live longer than the configured maximum.
 """
 
 from __future__ import annotations
@@ -154,7 +155,10 @@ class AccessTokenVerifier:
         return claims
 
     def _check_times(self, claims: AccessToken, now: float) -> None:
-        if now >= claims.expires_at + self._skew:
+        # exp without leeway: our nodes issued it on their own (synchronised) clocks, and a
+        # session authenticated by it ends at exp, so a token must never be accepted after
+        # it either. nbf/iat get the skew: a node whose clock is behind the issuing node's.
+        if now >= claims.expires_at:
             raise TokenRefused("the access token has expired; get a new one")
         if now + self._skew < claims.not_before or now + self._skew < claims.issued_at:
             raise TokenRefused("the access token is not valid yet (nbf/iat in the future); "
