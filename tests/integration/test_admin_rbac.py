@@ -122,6 +122,9 @@ class Target:
     pending: Callable[[], str]  # makes a device whose enrollment waits for approval
     # Makes a fresh policy, attached to the given device if one is named.
     policy: Callable[[str | None], str] | None = None
+    # Make a fresh symmetric credential of the device (sk_…) and a fresh API key (its id).
+    credential: Callable[[], str] | None = None
+    api_key: Callable[[], str] | None = None
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +165,24 @@ def target(server: RunningServer, pending_enrollments: Callable[[], str],
         token_id = spare.json()["token"].removeprefix("fwa_").split(".")[0]
         bootstrap = admin.post(f"/v1/devices/{device_id}/bootstrap-tokens", json={})
         assert bootstrap.status_code == 201, bootstrap.text
+
+    def credential() -> str:
+        with server.admin() as admin:
+            made = admin.post(f"/v1/devices/{device_id}/credentials",
+                              json={"kind": "symmetric_key"})
+        assert made.status_code == 201, made.text
+        return str(made.json()["id"])
+
+    def api_key() -> str:
+        with server.admin() as admin:
+            made = admin.post("/v1/api-keys", json={"name": f"rbac-{tag}",
+                                                    "scopes": ["tokens:introspect"]})
+        assert made.status_code == 201, made.text
+        return str(made.json()["id"])
+
     return Target(device_id, issued.json()["serial"], token_id, tag,
-                  bootstrap.json()["token_id"], pending_enrollments, policies_on_demand)
+                  bootstrap.json()["token_id"], pending_enrollments, policies_on_demand,
+                  credential, api_key)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +243,20 @@ PLAUSIBLE_BODIES: dict[tuple[str, str], Callable[[Target], dict[str, Any] | None
     ("POST", "/v1/factory/sign"): lambda t: {
         "type": "default", "device_id": f"rbac-factory-{t.tag}", "csr_pem": csr_pem(),
         "owner": "acme"},
+    ("POST", "/v1/devices/{device_id}/credentials"): lambda t: {"kind": "symmetric_key"},
+    ("POST", "/v1/credentials/{credential_id}/rotate"): lambda t: {"slot": "secondary"},
+    ("DELETE", "/v1/credentials/{credential_id}"): lambda t: None,
+    ("POST", "/v1/api-keys"): lambda t: {
+        "name": f"rbac-key-{t.tag}", "scopes": ["tokens:introspect"], "ttl_hours": 24},
+    ("POST", "/v1/api-keys/{key_id}/rotate"): lambda t: {"grace_seconds": 60},
+    ("DELETE", "/v1/api-keys/{key_id}"): lambda t: None,
+    ("POST", "/v1/access-tokens"): lambda t: {"device_id": t.device_id,
+                                              "scope": "mqtt:connect"},
+    ("POST", "/v1/access-tokens/inspect"): lambda t: {"token": "not.a.token"},
+    ("POST", "/v1/access-tokens/revoke"): lambda t: {
+        "jti": f"rbac-{t.tag}-{secrets.token_hex(4)}"},
+    ("POST", "/v1/devices/{device_id}/access-tokens/revoke"): lambda t: {"reason": "rbac"},
+    ("POST", "/v1/token-keys/rotate"): lambda t: {"reason": "rbac"},
 }
 
 
@@ -246,6 +279,10 @@ def plausible_request(route: Route, t: Target) -> tuple[str, dict[str, Any] | No
         fill["token_id"] = t.bootstrap_token_id
     if route.path.startswith("/v1/enrollments/{device_id}/"):
         fill["device_id"] = t.pending()
+    if "{credential_id}" in route.path and t.credential is not None:
+        fill["credential_id"] = t.credential()
+    if "{key_id}" in route.path and t.api_key is not None:
+        fill["key_id"] = t.api_key()
 
     def param(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -268,7 +305,8 @@ def snapshot(admin: httpx.Client, t: Target) -> dict[str, Any]:
     """Everything a wrongly allowed write could change."""
     paths = [f"/v1/devices/{t.device_id}", f"/v1/certificates/{t.serial}",
              f"/v1/devices/{t.device_id}/certificates", "/v1/operators", "/v1/device-types",
-             "/v1/devices?limit=1000", "/v1/ca", "/v1/policies"]
+             "/v1/devices?limit=1000", "/v1/ca", "/v1/policies",
+             f"/v1/devices/{t.device_id}/credentials", "/v1/api-keys", "/v1/token-keys"]
     state = {}
     for path in paths:
         response = admin.get(path)
@@ -289,7 +327,7 @@ REFUSALS = [pytest.param(role, route, id=f"{role.value}-{route_id(route)}")
 
 
 # POSTs that only compute an answer (they need a body, not a write): open to auditors.
-READ_ONLY_POSTS = {"POST /v1/policies/test"}
+READ_ONLY_POSTS = {"POST /v1/policies/test", "POST /v1/access-tokens/inspect"}
 
 
 def test_the_auditor_role_is_read_only_in_the_route_table() -> None:

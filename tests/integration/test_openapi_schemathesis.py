@@ -104,8 +104,10 @@ ACCEPTED = ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]
 # Operations whose bodies carry content JSON Schema cannot describe, so a schema-valid
 # body may still be refused with 400: PEM certificates and CSRs (a string, valid only if
 # it parses as X.509 / PKCS#10), and policy documents (topic-filter grammar of each
-# resource, unique statement ids, no leading '/' on HTTP resources).
-OPAQUE_CONTENT = ["issue_cert", "factory_sign", "register_oem", "put_policy", "put_policy_test"]
+# resource, unique statement ids, no leading '/' on HTTP resources), and PEM public keys
+# and certificates given for device credentials and test access tokens.
+OPAQUE_CONTENT = ["issue_cert", "factory_sign", "register_oem", "put_policy", "put_policy_test",
+                  "add_credential", "issue_access_token"]
 
 
 def _config(token: str) -> str:

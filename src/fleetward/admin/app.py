@@ -14,11 +14,14 @@ from typing import Any
 from aiohttp import web
 
 from fleetward.admin import (
+    access_tokens,
+    api_keys,
     audit,
     bootstrap_tokens,
     cas,
     certificates,
     commands,
+    credentials,
     device_types,
     devices,
     enrollments,
@@ -62,6 +65,9 @@ ROUTES: tuple[Route, ...] = (
     *certificates.SERIAL_ROUTES,
     *cas.ROUTES,
     *bootstrap_tokens.ROUTES,
+    *credentials.ROUTES,
+    *api_keys.ROUTES,
+    *access_tokens.ROUTES,
     *enrollments.ROUTES,
     *factory.ROUTES,
     *policies.ROUTES,

@@ -31,7 +31,18 @@ from fleetward.policy.document import (
 )
 from fleetward.store import device_commands as command_rows
 from fleetward.store import oem as oem_rows
+from fleetward.store.device_credentials import SLOTS
 from fleetward.store.policies import TARGET_KINDS
+from fleetward.tokens.access import BINDINGS
+from fleetward.tokens.api_keys import API_KEY_SCOPES
+from fleetward.tokens.credentials import (
+    CREDENTIAL_ID_PATTERN,
+    KINDS,
+    MAX_PUBLIC_KEY_PEM_CHARS,
+    SYMMETRIC_KEY_BYTES,
+)
+from fleetward.tokens.scopes import MAX_SCOPE_CHARS, SCOPES
+from fleetward.tokens.service import MAX_JTI_CHARS
 
 Schema = dict[str, Any]
 
@@ -255,6 +266,97 @@ EXPLANATION = obj({
     "matched": {"type": "array", "items": _MATCH},
     "unusable_resources": {"type": "array", "items": _UNUSABLE}})
 
+# --- device credentials, API keys and access tokens (docs/credentials.md) -----------------
+
+BASE64URL_SHA256: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$",
+                            "description": "base64url SHA-256, no padding (RFC 7638 "
+                                           "thumbprint)"}
+CREDENTIAL_ID: Schema = {"type": "string", "pattern": anchored(CREDENTIAL_ID_PATTERN),
+                         "description": "sk_ (symmetric keys) or pk_ (a public key) and 16 "
+                                        "hex digits"}
+SYMMETRIC_CREDENTIAL_ID: Schema = {"type": "string", "pattern": "^sk_[0-9a-f]{16}$",
+                                   "description": "a symmetric credential: sk_ and 16 hex "
+                                                  "digits"}
+API_KEY_ID: Schema = {"type": "string", "pattern": "^[0-9a-f]{16}$",
+                      "description": "the 16 hex digits between fwk_ and the dot"}
+SLOT: Schema = {"enum": list(SLOTS)}
+# Standard base64 with padding, as Azure IoT Hub shows device keys.
+_B64_CHARS = 4 * ((SYMMETRIC_KEY_BYTES + 2) // 3)
+_B64_PAD = (3 - SYMMETRIC_KEY_BYTES % 3) % 3
+SYMMETRIC_KEY: Schema = {
+    "type": "string", "pattern": f"^[A-Za-z0-9+/]{{{_B64_CHARS - _B64_PAD}}}={{{_B64_PAD}}}$",
+    "description": f"{SYMMETRIC_KEY_BYTES} random bytes, base64; shown once, stored only "
+                   "encrypted"}
+PUBLIC_KEY_PEM: Schema = {**TEXT, "minLength": 1, "maxLength": MAX_PUBLIC_KEY_PEM_CHARS,
+                          "description": "an EC P-256 public key, PEM SubjectPublicKeyInfo "
+                                         "(-----BEGIN PUBLIC KEY-----)"}
+CERTIFICATE_PEM: Schema = {**TEXT, "minLength": 1,
+                           "description": "a certificate of the device, PEM"}
+_SCOPE_NAME = "(?:" + "|".join(re.escape(s) for s in SCOPES) + ")"
+SCOPE: Schema = {"type": "string", "maxLength": MAX_SCOPE_CHARS,
+                 "pattern": f"^(?:{_SCOPE_NAME}(?: {_SCOPE_NAME})*)?$",
+                 "description": "scopes separated by single spaces (RFC 6749 §3.3): "
+                                f"{' '.join(SCOPES)}; empty or absent: every scope the "
+                                "device's policy opens something of"}
+JTI: Schema = {"type": "string", "pattern": f"^[A-Za-z0-9_-]{{1,{MAX_JTI_CHARS}}}$",
+               "description": "an access token's jti claim"}
+# What TokenService.inspect / introspect compare with the token's cnf: what the client
+# presented (RFC 7662 extension parameter, docs/credentials.md "Introspection").
+PRESENTED_CNF: Schema = {
+    "type": "object", "additionalProperties": False, "maxProperties": 1,
+    "properties": {"x5t#S256": TEXT, "jkt": TEXT},
+    "description": "what the client presented: {} (nothing), {\"x5t#S256\": …} (a "
+                   "certificate) or {\"jkt\": …} (a DPoP key)"}
+
+_CREDENTIAL_FIELDS: dict[str, Schema] = {
+    "id": CREDENTIAL_ID, "device_id": STRING, "kind": {"enum": list(KINDS)},
+    "status": {"enum": ["active", "revoked"]}, "jkt": nullable(BASE64URL_SHA256),
+    "primary_version": nullable({"type": "integer", "minimum": 1,
+                                 "description": "symmetric keys: +1 on every rotation"}),
+    "secondary_version": nullable({"type": "integer", "minimum": 1}),
+    "created_at": DATE_TIME, "created_by": STRING, "rotated_at": DATE_TIME_OR_NULL,
+    "revoked_at": DATE_TIME_OR_NULL}
+CREDENTIAL = obj(_CREDENTIAL_FIELDS, description="never key material")
+NEW_SYMMETRIC_CREDENTIAL = obj({**_CREDENTIAL_FIELDS, "primary_key": SYMMETRIC_KEY,
+                                "secondary_key": SYMMETRIC_KEY})
+NEW_SLOT_KEY = obj({"id": SYMMETRIC_CREDENTIAL_ID, "device_id": STRING, "slot": SLOT,
+                    "version": {"type": "integer", "minimum": 2}, "key": SYMMETRIC_KEY})
+
+_API_KEY_FIELDS: dict[str, Schema] = {
+    "id": API_KEY_ID, "name": STRING,
+    "scopes": {"type": "array", "items": {"enum": list(API_KEY_SCOPES)}},
+    "created_at": DATE_TIME, "created_by": STRING, "expires_at": DATE_TIME_OR_NULL,
+    "rotated_at": DATE_TIME_OR_NULL, "revoked_at": DATE_TIME_OR_NULL,
+    "previous_valid_until": {**DATE_TIME_OR_NULL,
+                             "description": "the previous secret works until then"}}
+API_KEY = obj(_API_KEY_FIELDS, description="never the secret or its hash")
+NEW_API_KEY = obj({**_API_KEY_FIELDS, "key": {
+    "type": "string", "pattern": "^fwk_[0-9a-f]{16}\\.[A-Za-z0-9_-]{43}$",
+    "description": "shown once; stored only as a SHA-256"}})
+
+TOKEN_KEY = obj({
+    "kid": BASE64URL_SHA256,
+    "active": {"type": "boolean", "description": "new tokens are signed with it"},
+    "created_at": DATE_TIME, "retired_at": DATE_TIME_OR_NULL,
+    "verify_until": {**DATE_TIME_OR_NULL,
+                     "description": "tokens it signed are refused from then on; null "
+                                    "while it signs"}})
+
+ACCESS_TOKEN_GRANT = obj({
+    "access_token": {"type": "string", "description": "an ES256 JWT (RFC 9068); not stored"},
+    "token_type": {"enum": ["Bearer", "DPoP"]},
+    "expires_in": {"type": "integer", "minimum": 1, "description": "seconds"},
+    "scope": STRING, "jti": STRING})
+_JSON_OBJECT_OR_NULL = nullable({"type": "object"})
+TOKEN_INSPECTION = obj({
+    "valid": BOOLEAN,
+    "reason": {"type": "string", "description": "\"valid\", or why not"},
+    "header": {**_JSON_OBJECT_OR_NULL, "description": "the JWS header, unverified"},
+    "claims": {**_JSON_OBJECT_OR_NULL, "description": "the claims, unverified"},
+    "binding": obj({"kind": {"enum": list(BINDINGS)}, "thumbprint": STRING_OR_NULL}),
+    "device_id": STRING}, optional=("binding", "device_id"),
+    description="binding and device_id when the signature and claims verified")
+
 # RFC 9457 §3.1 members, as web/problem.py and FleetwardError.to_problem() write them.
 PROBLEM: Schema = {
     "type": "object",
@@ -281,5 +383,6 @@ COMPONENTS: dict[str, Schema] = {
     "OemBinding": OEM_BINDING, "AuditRecord": AUDIT_RECORD, "Ca": CA,
     "Operator": OPERATOR, "Policy": POLICY, "PolicySummary": POLICY_SUMMARY,
     "PolicyDocument": POLICY_DOCUMENT, "PolicyExplanation": EXPLANATION,
-    "AttachmentChange": ATTACHMENT_CHANGE,
+    "AttachmentChange": ATTACHMENT_CHANGE, "Credential": CREDENTIAL, "ApiKey": API_KEY,
+    "TokenKey": TOKEN_KEY,
 }

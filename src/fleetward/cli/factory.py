@@ -115,7 +115,7 @@ def _factory_tokens_failed(exc: BaseException, created: int, count: int,
     orphans = ("" if isinstance(exc, ApiError) else
                "; the last request may have registered devices that are not in the "
                "manifest: find them with `fleetward device list --state registered` and "
-               "give them tokens with `fleetward token create --device ID`")
+               "give them tokens with `fleetward bootstrap-token create --device ID`")
     if isinstance(exc, KeyboardInterrupt):
         fail(InvalidInput(f"interrupted: {kept}", hint=f"run again for the rest{orphans}"), 130)
     if isinstance(exc, OSError):

@@ -8,9 +8,11 @@ admin URL, token and CA chain are read from it), otherwise ``--admin-url`` with
 from __future__ import annotations
 
 from fleetward.cli import (
+    access_tokens,
     audit,
     cas,
     certs,
+    credentials,
     device_types,
     devices,
     enroll,
@@ -37,7 +39,10 @@ app.add_typer(certs.app, name="cert")
 app.add_typer(cas.app, name="ca")
 app.add_typer(audit.app, name="audit")
 app.add_typer(operators.app, name="operator")
-app.add_typer(tokens.app, name="token")
+app.add_typer(tokens.app, name="bootstrap-token")
+app.add_typer(tokens.app, name="token", help=tokens.ALIAS_HELP, hidden=True)
+app.add_typer(access_tokens.app, name="access-token")
+app.add_typer(credentials.app, name="credential")
 app.add_typer(enroll.app, name="enroll")
 app.add_typer(factory.app, name="factory")
 app.add_typer(policies.app, name="policy")

@@ -1,4 +1,11 @@
-"""``fleetward token``: bootstrap tokens for first enrollment (EST, RFC 7030)."""
+"""``fleetward bootstrap-token``: bootstrap tokens for first enrollment (EST, RFC 7030).
+
+Mounted twice (cli/main.py): as ``bootstrap-token``, and as ``token``, its old name,
+hidden from the root's help and kept for existing scripts
+(``TOKEN=$(fleetward token create --device d1 --quiet)``). The root help shows
+``bootstrap-token`` and ``access-token`` side by side so neither is mistaken for the
+other.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ from fleetward.cli.common import (
 )
 from fleetward.errors import InvalidInput
 
-app = App(help="Bootstrap tokens for first enrollment (EST, RFC 7030).",
-          no_args_is_help=True)
+HELP = "Bootstrap tokens for first enrollment (EST, RFC 7030)."
+ALIAS_HELP = "Alias of bootstrap-token (kept for existing scripts)."
+app = App(help=HELP, no_args_is_help=True)
 
 
 SHOWN_ONCE = ("this token is shown only once: store it now (or hand it to the device); "
@@ -50,12 +58,12 @@ def token_create(device: Annotated[str | None, typer.Option(
     """Create a bootstrap token (--device ID, or --type T --count N); printed once.
 
     stdout holds the token alone (or the JSON with --json); notes go to stderr, none
-    with --quiet: TOKEN=$(fleetward token create --device d1 --quiet).
+    with --quiet: TOKEN=$(fleetward bootstrap-token create --device d1 --quiet).
     """
     if (device is None) == (type_name is None):
         fail(InvalidInput("give either --device ID or --type T --count N",
-                          hint="fleetward token create --device d1, or "
-                               "fleetward token create --type sensor --count 100"))
+                          hint="fleetward bootstrap-token create --device d1, or "
+                               "fleetward bootstrap-token create --type sensor --count 100"))
     body: dict[str, Any] = {} if ttl_hours is None else {"ttl_hours": ttl_hours}
     if device is not None:
         if count is not None or owner is not None:

@@ -152,7 +152,7 @@ class ApiKeyService:
         granted = _check_scopes(scopes)
         if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
             raise InvalidInput(f"an API key lives between 1 minute and {MAX_TTL.days} days "
-                               "(or until revoked)", hint="e.g. --ttl-days 90")
+                               "(or until revoked)", hint="e.g. --ttl-hours 2160 (90 days)")
         now = self._clock.now()
         new = API_KEY.new()
         row = ApiKeyRow(
@@ -189,7 +189,7 @@ class ApiKeyService:
         """
         if not dt.timedelta(0) <= grace <= MAX_GRACE:
             raise InvalidInput(f"the grace period is 0 to {MAX_GRACE.days} days",
-                               hint="e.g. --grace-hours 24, or 0 if the key leaked")
+                               hint="e.g. --grace-seconds 86400, or 0 if the key leaked")
         now = self._clock.now()
         secret = secrets.token_urlsafe(SECRET_BYTES)
         token = f"{API_KEY.prefix}{key_id}.{secret}"
@@ -208,7 +208,8 @@ class ApiKeyService:
                     previous_sha256=row.secret_sha256 if grace else None,
                     previous_valid_until=previous_until, at=now):
                 raise Conflict(f"API key {key_id} changed while it was rotated",
-                               hint="look at it (fleetward api-key list) and try again")
+                               hint="look at it (fleetward credential list --api-keys) and "
+                                    "try again")
             self._audit.append(conn, AuditEvent(
                 action=API_KEY_ROTATED, actor=actor, target=f"api_key:{key_id}",
                 details={"grace_seconds": int(grace.total_seconds()),
@@ -316,7 +317,8 @@ def _check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
 def _require(conn: Connection, key_id: str) -> ApiKeyRow:
     if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
         raise InvalidInput(f"invalid API key id {key_id!r}",
-                           hint="16 hex digits, the part after fwk_: fleetward api-key list")
+                           hint="16 hex digits, the part after fwk_: "
+                                "fleetward credential list --api-keys")
     row = key_rows.get_key(conn, key_id)
     if row is None:
         raise NotFound(f"API key {key_id} does not exist")

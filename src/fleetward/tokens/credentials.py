@@ -272,8 +272,8 @@ class DeviceCredentialService:
                                    hint="register a new public key and revoke the old one")
             if row.revoked_at is not None:
                 raise Conflict(f"credential {credential_id} is revoked",
-                               hint=f"add a new one: fleetward credential add "
-                                    f"{row.device_id} --kind symmetric-key")
+                               hint=f"add a new one: fleetward credential add --device "
+                                    f"{row.device_id} --kind symmetric")
             self._device_for_new_material(conn, row.device_id)
             old_version = row.primary_version if slot == "primary" else row.secondary_version
             key = secrets.token_bytes(SYMMETRIC_KEY_BYTES)
@@ -489,7 +489,8 @@ class DeviceCredentialService:
         if not isinstance(credential_id, str) or not CREDENTIAL_ID_PATTERN.fullmatch(
                 credential_id):
             raise InvalidInput(f"invalid credential id {credential_id!r}",
-                               hint="sk_ or pk_ and 16 hex digits: fleetward credential list")
+                               hint="sk_ or pk_ and 16 hex digits: fleetward credential list "
+                                    "--device ID")
         row = credential_rows.get_credential(conn, credential_id)
         if row is None:
             raise NotFound(f"credential {credential_id} does not exist")
