@@ -4,15 +4,24 @@
                            [--token-file F | env FLEETWARD_BOOTSTRAP_TOKEN | --token T]
                            [--label L] [--pkcs11-module M --pkcs11-token-label L
                                         --pkcs11-pin-file F]
+    fleetward-agent init   --server URL --device-id ID --state-dir DIR
+                           (--ca-fingerprint HEX | --ca-file chain.pem)
+                           --auth token [--token-binding auto|certificate|key]
+                                        [--pkcs11-module M --pkcs11-token-label L
+                                         --pkcs11-pin-file F]      > device-public-key.pem
+                         | --auth sas --key-file F
+                           [--mqtt-url mqtts://HOST:8883]
     fleetward-agent renew  --state-dir DIR [--force]
     fleetward-agent run    --state-dir DIR [--mqtt | --https] [--mqtt-url mqtts://HOST:8883]
+                           [--auth mtls|token|sas] [--token-binding auto|certificate|key]
                            [--source sim|stdin|script:PATH|none] [--interval S] [--count N]
                            [--command-handler PATH] [--exit-on-refusal] [--renew-only] …
     fleetward-agent status --state-dir DIR
 
 Secrets never go on the command line by default: other users of the device can read
 every process's argv (``ps``, ``/proc/<pid>/cmdline``). ``--token`` exists for
-one-off tests only; use ``--token-file`` or ``FLEETWARD_BOOTSTRAP_TOKEN``.
+one-off tests only; use ``--token-file`` or ``FLEETWARD_BOOTSTRAP_TOKEN``. A symmetric
+key is read from a 0600 file only (``--key-file``).
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetward.agent.enroll import EnrollOptions, Pkcs11Options, enroll
-from fleetward.agent.errors import EnrollmentPending
+from fleetward.agent.errors import AgentStateError, EnrollmentPending
 from fleetward.agent.est_client import parse_fingerprint
+from fleetward.agent.provision import InitOptions, init_device
 from fleetward.agent.renewal import DEFAULT_RENEW_FRACTION, open_agent, validate_fraction
 from fleetward.agent.run import EXIT_REFUSED, RunOptions, run_agent
 from fleetward.agent.state import (
@@ -45,9 +55,13 @@ from fleetward.agent.state import (
     read_secret_file,
     save_config,
     state_lock,
+    validate_auth_mode,
     validate_mqtt_url,
+    validate_token_binding,
 )
 from fleetward.agent.telemetry import DEFAULT_MESSAGE_TYPE, make_source
+from fleetward.agent.tokens import SAS_VALIDITY_SECONDS, auth_summary, token_status_rows
+from fleetward.clock import SystemClock
 from fleetward.errors import FleetwardError, InvalidInput
 from fleetward.terminal import App, console, printable, version_option
 
@@ -83,6 +97,10 @@ def parse_fraction(value: str | float) -> float:
 
 StateDir = Annotated[Path, typer.Option("--state-dir", envvar="FLEETWARD_AGENT_STATE_DIR",
                                         help="the agent's state directory (created 0700)")]
+TokenBinding = Annotated[str | None, typer.Option(
+    "--token-binding", metavar="auto|certificate|key",
+    help="what access tokens are bound to: the certificate (Bearer over mTLS) or the "
+         "device key (DPoP); auto: the certificate when the key is a file, else the key")]
 Fraction = Annotated[float, typer.Option(
     "--renew-fraction", parser=parse_fraction, metavar="<fraction>", show_default="2/3",
     help="renew after this fraction of the certificate lifetime, e.g. 0.75 or 3/4")]
@@ -192,6 +210,64 @@ def _pkcs11_options(module: str | None, token_label: str | None,
     return Pkcs11Options(module=module, token_label=token_label, pin_file=pin_file)
 
 
+@app.command("init")
+def init_command(
+    server: Annotated[str, typer.Option("--server", help="device listener, https://host:8443")],
+    device_id: Annotated[str, typer.Option("--device-id", help="this device's id")],
+    state_dir: StateDir,
+    auth: Annotated[str, typer.Option(
+        "--auth", metavar="token|sas",
+        help="token: generate a key pair and use access tokens (prints the public key to "
+             "register); sas: use SAS tokens signed with the symmetric key in --key-file")],
+    ca_fingerprint: Annotated[str | None, typer.Option(
+        "--ca-fingerprint", help="SHA-256 fingerprint of the server's root (or issuing) CA, "
+                                 "obtained out of band")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        "--ca-file", help="the server's CA certificates (PEM), obtained out of band, "
+                          "instead of --ca-fingerprint")] = None,
+    key_file: Annotated[Path | None, typer.Option(
+        "--key-file", help="--auth sas: file holding the device's symmetric key, base64 as "
+                           "the server showed it (mode 0600)")] = None,
+    mqtt_url: Annotated[str | None, typer.Option(
+        "--mqtt-url", help="MQTT listener, mqtts://host:8883 (default: the server's host, "
+                           "port 8883)")] = None,
+    token_binding: TokenBinding = None,
+    key_passphrase_file: Annotated[Path | None, typer.Option(
+        "--key-passphrase-file", help="passphrase for the encrypted key file (mode 0600); "
+                                      "default: generated in the state dir")] = None,
+    pkcs11_module: Annotated[str | None, typer.Option(
+        "--pkcs11-module", help="PKCS#11 module: keep the key on a token")] = None,
+    pkcs11_token_label: Annotated[str | None, typer.Option("--pkcs11-token-label")] = None,
+    pkcs11_pin_file: Annotated[Path | None, typer.Option(
+        "--pkcs11-pin-file", help="file holding the token's user PIN (mode 0600)")] = None,
+) -> None:
+    """Set up a device that authenticates with access tokens or SAS tokens (no
+    enrollment): pin the CA, record the mode, create the key pair or store the key."""
+    try:
+        pkcs11 = _pkcs11_options(pkcs11_module, pkcs11_token_label, pkcs11_pin_file)
+        result = init_device(InitOptions(
+            server_url=server, device_id=device_id, state_dir=state_dir, auth=auth,
+            ca_fingerprint=parse_fingerprint(ca_fingerprint) if ca_fingerprint else None,
+            ca_file=ca_file, mqtt_url=mqtt_url, key_file=key_file,
+            token_binding=token_binding or "auto", passphrase_file=key_passphrase_file,
+            pkcs11=pkcs11))
+    except FleetwardError as exc:
+        fail(exc)
+    if result.public_key_pem is not None:
+        # stdout is the public key alone, so `init … > device.pub` gives the file to
+        # register; the guidance goes to stderr.
+        sys.stdout.write(result.public_key_pem.decode("ascii"))
+        sys.stdout.flush()
+        what = "generated" if result.created_key else "kept"
+        err.print(f"device [bold]{escape(device_id)}[/] set up for access tokens (key pair "
+                  f"{what}; state in {escape(str(state_dir))}). Register the public key "
+                  f"above on the server:\n  fleetward credential add --device "
+                  f"{escape(device_id)} --kind public-key --public-key FILE", highlight=False)
+        return
+    out.print(f"device [bold]{escape(device_id)}[/] set up for SAS tokens; its symmetric key "
+              f"is stored in {escape(str(state_dir))} (mode 0600)", highlight=False)
+
+
 @app.command("renew")
 def renew_command(state_dir: StateDir,
                   force: Annotated[bool, typer.Option(
@@ -223,6 +299,14 @@ def run_command(
         "--mqtt-url", help="MQTT listener, mqtts://host:8883 (saved in agent.toml; default: "
                            "the server's host, port 8883)")] = None,
     mqtt_version: Annotated[str, typer.Option("--mqtt-version", help="5 or 3.1.1")] = "5",
+    auth: Annotated[str | None, typer.Option(
+        "--auth", metavar="mtls|token|sas",
+        help="authenticate with the certificate (mtls), access tokens (token) or SAS tokens "
+             "(sas); saved in agent.toml")] = None,
+    token_binding: TokenBinding = None,
+    sas_validity: Annotated[int, typer.Option(
+        "--sas-validity", help="--auth sas: seconds each SAS token is valid (a new one is "
+                               "used after two thirds of that)")] = SAS_VALIDITY_SECONDS,
     qos: Annotated[int, typer.Option("--qos", help="MQTT QoS of telemetry: 0 or 1")] = 1,
     keepalive: Annotated[int, typer.Option("--keepalive", help="MQTT keep-alive, seconds")] = 60,
     source: Annotated[str, typer.Option(
@@ -275,13 +359,15 @@ def run_command(
             raise InvalidInput("choose one channel", hint="give either --mqtt or --https")
         if mqtt_url is not None:
             _save_mqtt_url(layout, mqtt_url)
+        if auth is not None or token_binding is not None:
+            _save_auth(layout, auth, token_binding)
         options = RunOptions(
             channel="mqtt" if mqtt else "https" if https else None, mqtt_version=mqtt_version,
             qos=qos, keepalive_seconds=keepalive, message_type=message_type,
             interval_seconds=interval, count=count, buffer_max_records=buffer_size,
             exit_on_refusal=exit_on_refusal, renew_fraction=renew_fraction,
             command_handler=command_handler, handler_timeout_seconds=command_timeout,
-            poll_wait_seconds=poll_wait)
+            poll_wait_seconds=poll_wait, sas_validity_seconds=sas_validity)
         telemetry = make_source(source, message_type=message_type, seed=seed,
                                 stdin=sys.stdin.buffer)
         stats = run_agent(layout, options, stop, source=telemetry)
@@ -301,23 +387,69 @@ def _save_mqtt_url(layout: StateLayout, url: str) -> None:
             save_config(layout, dataclasses.replace(config, mqtt_url=url))
 
 
+def _save_auth(layout: StateLayout, auth: str | None, token_binding: str | None) -> None:
+    """Record ``--auth`` / ``--token-binding`` in agent.toml, after checking that the
+    state has what the mode needs.
+
+    Raises:
+        InvalidInput: an unknown mode or binding.
+        AgentStateError: the state lacks the certificate, key pair or symmetric key.
+    """
+    if auth is not None:
+        validate_auth_mode(auth)
+    if token_binding is not None:
+        validate_token_binding(token_binding)
+    load_config(layout)  # not set up: a clear error before the lock file is created
+    with state_lock(layout):
+        config = load_config(layout)
+        changed = dataclasses.replace(config, auth=auth or config.auth,
+                                      token_binding=token_binding or config.token_binding)
+        if changed.auth == "mtls" and not layout.cert.exists():
+            raise AgentStateError("--auth mtls needs a certificate, and this device has none",
+                                  hint="enroll first (fleetward-agent enroll), or use "
+                                       "--auth token / --auth sas")
+        if changed.auth == "sas" and not layout.symmetric_key.exists():
+            raise AgentStateError("--auth sas needs the device's symmetric key",
+                                  hint="store it with fleetward-agent init --auth sas "
+                                       "--key-file FILE …")
+        if changed != config:
+            save_config(layout, changed)
+
+
 @app.command("status")
 def status_command(state_dir: StateDir,
                    renew_fraction: Fraction = DEFAULT_RENEW_FRACTION) -> None:
-    """Show the device id, certificate serial, expiry and next renewal."""
+    """Show the device id, how it authenticates, its certificate (serial, expiry, next
+    renewal) and, with access tokens, the current token's binding and expiry."""
+    layout = StateLayout(state_dir)
     try:
-        status = open_agent(StateLayout(state_dir)).status(renew_fraction)
+        agent = open_agent(layout)
+        config = load_config(layout)
+        has_certificate = layout.cert.exists()
+        status = agent.status(renew_fraction) if has_certificate else None
     except FleetwardError as exc:
         fail(exc)
+    rows = [("device id", config.device_id), ("server", config.server_url),
+            ("mqtt", config.effective_mqtt_url()),
+            ("auth", auth_summary(config, agent.keystore.kind, has_certificate)),
+            ("keystore", agent.keystore.kind)]
+    if status is not None:
+        rows += [("serial", status.serial),
+                 ("not before", f"{status.not_before:%Y-%m-%d %H:%M:%S} UTC"),
+                 ("not after", f"{status.not_after:%Y-%m-%d %H:%M:%S} UTC"),
+                 ("next renewal", f"{status.next_renewal:%Y-%m-%d %H:%M:%S} UTC"),
+                 ("state", status.state)]
+    else:
+        rows.append(("certificate", "none (this device authenticates without one)"))
+    if config.auth == "token":
+        rows += token_status_rows(layout, SystemClock().now())
+    elif config.auth == "sas":
+        rows.append(("symmetric key", "stored (0600)" if layout.symmetric_key.exists()
+                     else "MISSING: fleetward-agent init --auth sas --key-file FILE"))
     table = Table(title="fleetward-agent", show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")  # serials are copied: fold, never "…"
-    for name, value in (("device id", status.device_id), ("server", status.server_url),
-                        ("keystore", status.keystore), ("serial", status.serial),
-                        ("not before", f"{status.not_before:%Y-%m-%d %H:%M:%S} UTC"),
-                        ("not after", f"{status.not_after:%Y-%m-%d %H:%M:%S} UTC"),
-                        ("next renewal", f"{status.next_renewal:%Y-%m-%d %H:%M:%S} UTC"),
-                        ("state", status.state)):
+    for name, value in rows:
         table.add_row(name, Text(printable(value)))  # a value is never markup
     out.print(table)
 

@@ -1,7 +1,12 @@
-"""The agent's HTTPS channel: the device API on the device listener (:8443), mTLS.
+"""The agent's HTTPS channel: the device API on the device listener (:8443), mTLS or a
+token in the ``Authorization`` header.
 
 Requests go through the same transports as EST (``transport.py``): httpx with the key
-file, or curl with OpenSSL's pkcs11 engine for a key on a token. Each session opens
+file, or curl with OpenSSL's pkcs11 engine for a key on a token. With an access token
+or a SAS token (``tokens.py``) every request carries ``Authorization`` (``DPoP <token>``
+with a fresh ``DPoP`` proof for a key-bound token, ``Bearer <token>`` for a
+certificate-bound one over mTLS, ``SharedAccessSignature …``), and a device without a
+certificate talks server-authenticated TLS only. Each session opens
 with ``GET /v1/devices/self`` (is this identity accepted?), then sends records as
 ``POST /v1/telemetry/<type>`` / ``POST /v1/events/<type>`` and long-polls
 ``GET /v1/commands?wait=<s>`` on a thread of its own.
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +61,11 @@ JSON_HEADERS = {"Content-Type": "application/json",
                 "Accept": "application/json, application/problem+json"}
 
 TransportFactory = Callable[[float], Transport]
+# The headers that authenticate one request (method, path): ``Credentials.http_headers``.
+Authorize = Callable[[str, str], Mapping[str, str]]
+# The server's problem type for a refused device or credential (edge/device_api.py): on
+# any route it is about who is asking, never about the message.
+DEVICE_REFUSED_TYPE = "device-refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,30 +74,41 @@ class Problem:
     title: str
     detail: str
     hint: str
+    type: str = ""
+
+    @property
+    def refuses_device(self) -> bool:
+        return self.type.rstrip("/").rsplit("/", 1)[-1] == DEVICE_REFUSED_TYPE
 
 
 def problem_of(response: HttpResponse) -> Problem:
     """The problem details of an error response (RFC 9457 §3), or what we can say."""
-    title = detail = hint = ""
+    title = detail = hint = kind = ""
     try:
         body = json.loads(response.body)
     except (ValueError, UnicodeDecodeError):
         body = None
     if isinstance(body, dict):
-        title, detail, hint = (str(body.get(k) or "")[:500] for k in ("title", "detail", "hint"))
+        title, detail, hint, kind = (str(body.get(k) or "")[:500]
+                                     for k in ("title", "detail", "hint", "type"))
     if not detail:
         detail = title or f"HTTP {response.status}"
-    return Problem(response.status, title, detail, hint)
+    return Problem(response.status, title, detail, hint, kind)
 
 
-def https_transport_factory(layout: StateLayout, server_url: str,
-                            keystore: Keystore) -> TransportFactory:
+def https_transport_factory(layout: StateLayout, server_url: str, keystore: Keystore, *,
+                            client_certificate: bool = True) -> TransportFactory:
     """Transports authenticating with the current certificate and key, as they are NOW
-    (a file key is read into the TLS context once; a token key is named by its label).
+    (a file key is read into the TLS context once; a token key is named by its label),
+    or with no client certificate at all (``client_certificate`` False: the requests
+    carry a token; server-authenticated TLS against the pinned CAs).
 
     Raises:
         KeyUnavailable: the certificate or key cannot be loaded.
     """
+    if not client_certificate:
+        context = client_tls_context(cadata=pinned_ca_pem(layout))
+        return lambda timeout: HttpxTransport(server_url, context, timeout)
     if isinstance(keystore, FileKeystore):
         context = client_tls_context(cadata=pinned_ca_pem(layout), cert_file=layout.cert,
                                      key_file=layout.key, password=keystore.passphrase())
@@ -121,7 +142,7 @@ class HttpsSession:
     def __init__(self, make_transport: TransportFactory, on_command: CommandSink, *,
                  poll_wait_seconds: int = DEFAULT_POLL_WAIT_SECONDS,
                  request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
-                 poll_commands: bool = True) -> None:
+                 poll_commands: bool = True, authorize: Authorize | None = None) -> None:
         if not 0 <= poll_wait_seconds <= MAX_POLL_WAIT_SECONDS:
             raise InvalidInput(f"the long-poll wait must be 0-{MAX_POLL_WAIT_SECONDS} s",
                                hint="e.g. --poll-wait 20")
@@ -130,6 +151,7 @@ class HttpsSession:
         self._wait = poll_wait_seconds
         self._timeout = request_timeout_seconds
         self._poll_commands = poll_commands
+        self._authorize = authorize
         self._transport: Transport | None = None
         self._poll_transport: Transport | None = None
         self._lost = threading.Event()
@@ -146,19 +168,31 @@ class HttpsSession:
     def refusal(self) -> ChannelRefused | None:
         return self._refusal
 
+    def _request(self, transport: Transport, method: str, path: str, *,
+                 body: bytes | None = None, headers: Mapping[str, str]) -> HttpResponse:
+        """One request, with the credential's headers when the session has one.
+
+        Raises:
+            FleetwardError: the transport failed, or no credential can be had
+                (``ChannelRefused`` when the token endpoint refuses the device).
+        """
+        if self._authorize is not None:
+            headers = {**headers, **self._authorize(method, path)}
+        return transport.request(method, path, body=body, headers=headers)
+
     def open(self, stop: threading.Event | None = None) -> None:
         """Check that the server accepts this identity; start the command long-poll.
 
         Raises:
-            ChannelRefused: 401/403 on ``/v1/devices/self``, or a TLS alert against the
-                device certificate.
+            ChannelRefused: 401/403 on ``/v1/devices/self``, a TLS alert against the
+                device certificate, or a token endpoint that refuses the device.
             TrustBootstrapFailed: the server's certificate is not from the pinned CA.
             ServerUnreachable: anything else.
         """
         self._transport = self._make_transport(self._timeout)
         try:
-            response = self._transport.request("GET", "/v1/devices/self",
-                                               headers={"Accept": JSON_HEADERS["Accept"]})
+            response = self._request(self._transport, "GET", "/v1/devices/self",
+                                     headers={"Accept": JSON_HEADERS["Accept"]})
         except FleetwardError as exc:
             self.close()
             refusal = _refusal_from(exc)
@@ -200,9 +234,8 @@ class HttpsSession:
             if self.lost:
                 break
             try:
-                response = transport.request("POST", message.path(),
-                                             body=encode_json(message.body),
-                                             headers=JSON_HEADERS)
+                response = self._request(transport, "POST", message.path(),
+                                         body=encode_json(message.body), headers=JSON_HEADERS)
             except FleetwardError as exc:
                 self._fail(exc)
                 break
@@ -216,10 +249,12 @@ class HttpsSession:
         if 200 <= response.status < 300:
             return Outcome.DELIVERED
         problem = problem_of(response)
-        if response.status == 401:
+        if response.status == 401 or (response.status == 403 and problem.refuses_device):
+            # Who is asking was refused (a credential expired or revoked, a device
+            # disabled), not this message: it is sent again on the next session.
             self._refusal = ChannelRefused(
-                f"the server refused this device (HTTP 401): {problem.detail}",
-                code=401, reason=problem.detail, hint=problem.hint or None)
+                f"the server refused this device (HTTP {response.status}): {problem.detail}",
+                code=response.status, reason=problem.detail, hint=problem.hint or None)
             self._lost.set()
             return Outcome.UNSENT
         if response.status in _RETRY_LATER or response.status >= 500:
@@ -236,7 +271,7 @@ class HttpsSession:
     def _fail(self, exc: FleetwardError) -> None:
         if self._closed.is_set():
             return
-        refusal = _refusal_from(exc)
+        refusal = exc if isinstance(exc, ChannelRefused) else _refusal_from(exc)
         if refusal is not None:
             self._refusal = refusal
         else:
@@ -251,8 +286,9 @@ class HttpsSession:
         try:
             while not self._closed.is_set() and not self._lost.is_set():
                 try:
-                    response = transport.request("GET", f"/v1/commands?wait={self._wait}",
-                                                 headers={"Accept": JSON_HEADERS["Accept"]})
+                    response = self._request(transport, "GET",
+                                             f"/v1/commands?wait={self._wait}",
+                                             headers={"Accept": JSON_HEADERS["Accept"]})
                 except FleetwardError as exc:
                     self._fail(exc)
                     return
@@ -264,10 +300,12 @@ class HttpsSession:
                     failures = 0
                     continue
                 problem = problem_of(response)
-                if response.status == 401:
+                if response.status == 401 or (response.status == 403
+                                               and problem.refuses_device):
                     self._refusal = ChannelRefused(
-                        f"the server refused this device (HTTP 401): {problem.detail}",
-                        code=401, reason=problem.detail, hint=problem.hint or None)
+                        f"the server refused this device (HTTP {response.status}): "
+                        f"{problem.detail}",
+                        code=response.status, reason=problem.detail, hint=problem.hint or None)
                     self._lost.set()
                     return
                 failures += 1
@@ -312,5 +350,5 @@ class HttpsSession:
             self._transport.close()
 
 
-__all__ = ["DEFAULT_POLL_WAIT_SECONDS", "HttpsSession", "Problem", "TransportFactory",
-           "https_transport_factory", "problem_of"]
+__all__ = ["DEFAULT_POLL_WAIT_SECONDS", "Authorize", "HttpsSession", "Problem",
+           "TransportFactory", "https_transport_factory", "problem_of"]

@@ -12,6 +12,7 @@ so until the new certificate is on disk, the old key and certificate keep workin
 
 - ``FileKeystore``: ``device.key`` is encrypted PKCS#8 (PBES2, AES-256-CBC); the pending
   key is ``device.key.new`` and committing is one ``os.replace``.
+- ``NoKeystore``: a device with a symmetric key only (SAS); it has no key pair.
 - ``Pkcs11Keystore``: keys are generated ON the token with CKA_SENSITIVE=true and
   CKA_EXTRACTABLE=false (PKCS#11 v2.40 §4.9) by ``Pkcs11Signer.generate`` and never
   leave it; the CSR is signed on the token through cryptography's builders, and TLS runs
@@ -353,12 +354,53 @@ class Pkcs11Keystore:
                              openssl_conf=self._layout.openssl_conf)
 
 
-def open_keystore(layout: StateLayout, config: AgentConfig) -> FileKeystore | Pkcs11Keystore:
+# --- no key pair ----------------------------------------------------------------------------
+
+
+class NoKeystore:
+    """A device that holds only a symmetric key (``auth = "sas"``): there is no key pair,
+    so everything that needs one is refused with a hint instead of failing later."""
+
+    kind = "none"
+
+    @staticmethod
+    def _refuse() -> AgentStateError:
+        return AgentStateError(
+            "this device has no key pair: it was set up to authenticate with SAS tokens only",
+            hint="generate a key pair with fleetward-agent init --auth token, or enroll "
+                 "for a certificate with fleetward-agent enroll")
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        raise self._refuse()
+
+    def create_pending(self) -> ec.EllipticCurvePrivateKey:
+        raise self._refuse()
+
+    def pending_key(self) -> ec.EllipticCurvePrivateKey | None:
+        return None
+
+    def commit_pending(self) -> None:
+        raise self._refuse()
+
+    def discard_pending(self) -> None:
+        """Nothing to discard."""
+
+    def finish(self) -> None:
+        """Nothing to finish."""
+
+    def mtls_transport(self, server_url: str) -> Transport:
+        raise self._refuse()
+
+
+def open_keystore(layout: StateLayout,
+                  config: AgentConfig) -> FileKeystore | Pkcs11Keystore | NoKeystore:
     """The keystore agent.toml describes."""
     if config.keystore.kind == "pkcs11":
         return Pkcs11Keystore(layout, config)
+    if config.keystore.kind == "none":
+        return NoKeystore()
     return FileKeystore.from_config(layout, config)
 
 
-__all__ = ["KEY_ALGORITHM", "FileKeystore", "Keystore", "Pkcs11Keystore", "TokenKey",
-           "open_keystore", "pinned_ca_pem", "same_public_key"]
+__all__ = ["KEY_ALGORITHM", "FileKeystore", "Keystore", "NoKeystore", "Pkcs11Keystore",
+           "TokenKey", "open_keystore", "pinned_ca_pem", "same_public_key"]

@@ -1,4 +1,5 @@
-"""The agent's MQTT channel: paho-mqtt 2.x over TLS with the device certificate.
+"""The agent's MQTT channel: paho-mqtt 2.x over TLS, authenticated by the device
+certificate, an access token or a SAS token.
 
 One :class:`MqttSession` is one network connection. paho's own reconnect is off
 (``reconnect_on_failure=False``): the supervisor decides when and with which certificate
@@ -7,12 +8,30 @@ refuses this identity.
 
 TLS: the pinned CA bundle of the state directory is the only trust anchor and the
 server's name is checked (``client_tls_context``). Python's ``ssl`` needs the private
-key in a file, so a PKCS#11 keystore cannot use this channel (``--https`` can: curl with
-OpenSSL's pkcs11 engine).
+key in a file, so a PKCS#11 key cannot be a TLS client key here (``--https`` can: curl
+with OpenSSL's pkcs11 engine) — but it can sign access-token proofs, which need no
+client certificate.
+
+Credentials other than the certificate (docs/credentials.md, "Using a token over MQTT"):
+
+- access token, MQTT 5: enhanced authentication (§4.12) with method ``FW-TOKEN``: the
+  token in CONNECT's Authentication Data; a key-bound token gets an AUTH 0x18 challenge
+  that the session answers with a proof carrying ``nonce``; before the token is due the
+  session re-authenticates (§4.12.1: AUTH 0x19 with a fresh token, the same challenge),
+  so the connection outlives any one token. paho has no AUTH support: ``mqtt_auth``.
+- access token, MQTT 3.1.1 (or a server without ``FW-TOKEN``): user name = device id,
+  password = ``<token>`` or ``<token> <proof>``; the session reports ``credential_due``
+  before the token expires and the supervisor reconnects with a new one.
+- SAS: user name = device id, password = the SAS token; reconnect before ``se`` likewise.
+
+DISCONNECT 0xA0 (Maximum connect time) from the server means the credential ran out:
+``credential_expired`` is set and the supervisor reconnects at once with a new one; it
+is not a refusal of the device.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 import threading
 import time
@@ -41,10 +60,23 @@ from fleetward.agent.connect import (
 )
 from fleetward.agent.errors import ServerUnreachable, TrustBootstrapFailed
 from fleetward.agent.keystore import FileKeystore, Keystore, pinned_ca_pem
+from fleetward.agent.mqtt_auth import (
+    CONTINUE_AUTHENTICATION,
+    RE_AUTHENTICATE,
+    SUCCESS,
+    AuthClient,
+)
 from fleetward.agent.state import StateLayout, validate_mqtt_url
 from fleetward.agent.telemetry import encode_json
+from fleetward.agent.tokens import (
+    TOKEN_AUTH_METHOD,
+    AccessToken,
+    Credentials,
+    TokenProvider,
+)
 from fleetward.agent.transport import client_tls_context
-from fleetward.errors import InvalidInput
+from fleetward.clock import Clock, SystemClock
+from fleetward.errors import FleetwardError, InvalidInput
 
 log = structlog.get_logger("fleetward.agent")
 
@@ -57,6 +89,11 @@ MAX_INFLIGHT_MESSAGES = 20
 WAIT_SLICE_SECONDS = 0.05  # how often a blocked wait looks at the connection state
 # Reason codes worth their own log line although they are not a refusal of the identity.
 TAKEOVER = 0x8E  # Session taken over (MQTT 5.0 §3.14.2.1): another client used our id
+BAD_AUTHENTICATION_METHOD = 0x8C  # CONNACK: the server does not know FW-TOKEN (§3.2.2.2)
+# DISCONNECT: the token or SAS that authenticated the session expired (docs/credentials.md).
+MAXIMUM_CONNECT_TIME = 0xA0
+REAUTH_TIMEOUT_SECONDS = 30.0  # AUTH 0x19 sent, no AUTH 0x00 by then: try again
+REAUTH_RETRY_SECONDS = (2.0, 30.0)  # after a failed re-authentication: first, cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +124,23 @@ class MqttSettings:
         return parts.hostname or "", parts.port or 8883
 
 
-def mqtt_tls_context(layout: StateLayout, keystore: Keystore) -> ssl.SSLContext:
-    """Client TLS for MQTT: the device certificate and key file, the pinned CAs only.
+class EnhancedAuthUnsupported(ServerUnreachable):
+    """CONNACK 0x8C: the server does not do ``FW-TOKEN``; use the password instead."""
+
+
+def mqtt_tls_context(layout: StateLayout, keystore: Keystore, *,
+                     client_certificate: bool = True) -> ssl.SSLContext:
+    """Client TLS for MQTT: the pinned CAs only, and the device certificate with its key
+    file unless the session authenticates with a token or SAS (``client_certificate``
+    False: server authentication only).
 
     Raises:
-        InvalidInput: the key lives on a PKCS#11 token (Python's ``ssl`` cannot use it).
+        InvalidInput: a client certificate is wanted and the key lives on a PKCS#11
+            token (Python's ``ssl`` cannot use it).
         KeyUnavailable: the certificate or key cannot be loaded.
     """
+    if not client_certificate:
+        return client_tls_context(cadata=pinned_ca_pem(layout))
     if not isinstance(keystore, FileKeystore):
         raise InvalidInput(
             "MQTT cannot use a device key on a PKCS#11 token: Python's TLS (and so "
@@ -110,22 +157,46 @@ def _reason_string(properties: Properties | None) -> str:
 
 
 class MqttSession:
-    """One MQTT connection as the device (client id = device id)."""
+    """One MQTT connection as the device (client id = device id).
+
+    Args:
+        credentials: an access token or SAS provider; None: the client certificate in
+            ``context`` is the credential.
+        enhanced_auth: with a token on MQTT 5, use ``FW-TOKEN`` (and re-authenticate);
+            False: the token goes in the password (a server without ``FW-TOKEN``).
+        clock: "now" for the credential's refresh point.
+    """
 
     channel = "mqtt"
 
     def __init__(self, device_id: str, settings: MqttSettings, context: ssl.SSLContext,
-                 on_command: CommandSink) -> None:
+                 on_command: CommandSink, *, credentials: Credentials | None = None,
+                 enhanced_auth: bool = True, clock: Clock | None = None) -> None:
         self._device_id = device_id
         self._settings = settings
         self._on_command = on_command
         self._v5 = settings.version == "5"
+        self._credentials = credentials
+        self._clock = clock or SystemClock()
+        self._tokens = credentials if isinstance(credentials, TokenProvider) else None
+        self._fw_token = self._tokens is not None and self._v5 and enhanced_auth
+        host, port = settings.endpoint
+        # The proof's htu: the listener as the agent connects to it (docs/credentials.md).
+        self._proof_url = f"mqtts://{'[' + host + ']' if ':' in host else host}:{port}"
+        self._token: AccessToken | None = None  # the token the connection holds now
+        self._reauth_token: AccessToken | None = None  # the one a re-authentication offers
+        self._reauth_done = threading.Event()
+        self._refresh_at = math.inf  # password credentials: reconnect from then on
+        self._credential_expired = False
+        self._stopping = threading.Event()
+        self._reauth_thread: threading.Thread | None = None
+        self.reauthentications = 0  # successful AUTH 0x19 exchanges (tests, logs)
         # Clean session: commands wait in the server's database, not in an MQTT session,
         # and are delivered again after every (re)subscribe until answered.
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id,
-                             protocol=MQTT_VERSIONS[settings.version],
-                             clean_session=None if self._v5 else True,
-                             reconnect_on_failure=False)
+        client = AuthClient(CallbackAPIVersion.VERSION2, client_id=device_id,
+                            protocol=MQTT_VERSIONS[settings.version],
+                            clean_session=None if self._v5 else True,
+                            reconnect_on_failure=False)
         client.tls_set_context(context)
         client.max_inflight_messages_set(MAX_INFLIGHT_MESSAGES)
         client.connect_timeout = settings.connect_timeout_seconds
@@ -135,6 +206,7 @@ class MqttSession:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_log = self._on_log
+        client.on_auth = self._on_auth
         self._client = client
         self._connack = threading.Event()
         self._lost = threading.Event()
@@ -155,22 +227,55 @@ class MqttSession:
     def refusal(self) -> ChannelRefused | None:
         return self._refusal
 
+    @property
+    def credential_expired(self) -> bool:
+        """The server ended the session with DISCONNECT 0xA0: the credential ran out."""
+        return self._credential_expired
+
+    @property
+    def credential_due(self) -> bool:
+        """A password credential (3.1.1 token, SAS) is due for replacement: reconnect."""
+        return self._clock.now().timestamp() >= self._refresh_at
+
     # --- connect ---------------------------------------------------------------------
+
+    def _connect_properties(self) -> Properties | None:
+        """CONNECT's properties; sets the user name and password for password credentials.
+
+        Raises:
+            ServerUnreachable, TokenEndpointRefused: no token can be had.
+        """
+        credentials = self._credentials
+        if credentials is None:
+            return None
+        if self._fw_token and self._tokens is not None:
+            token = self._token = self._tokens.token()
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.AuthenticationMethod = TOKEN_AUTH_METHOD
+            props.AuthenticationData = token.value.encode("ascii")
+            return props
+        password = credentials.mqtt_password(self._proof_url)
+        self._client.username_pw_set(password.username, password.password)
+        self._refresh_at = password.refresh_at
+        return None
 
     def open(self, stop: threading.Event | None = None) -> None:
         """Connect, wait for CONNACK, subscribe to this device's commands.
 
         Raises:
             ChannelRefused: the server refused this identity (CONNACK 0x86/0x87/0x8A,
-                3.1.1 return codes 4/5, or a TLS alert against the certificate).
+                3.1.1 return codes 4/5, or a TLS alert against the certificate), or the
+                token endpoint refused a token (``TokenEndpointRefused``).
+            EnhancedAuthUnsupported: CONNACK 0x8C to ``FW-TOKEN``.
             TrustBootstrapFailed: the server's certificate is not from the pinned CA.
             ServerUnreachable: anything else (network, timeout, other CONNACK codes).
         """
         host, port = self._settings.endpoint
+        properties = self._connect_properties()
         try:
             if self._v5:
                 self._client.connect(host, port, self._settings.keepalive_seconds,
-                                     clean_start=True)
+                                     clean_start=True, properties=properties)
             else:
                 self._client.connect(host, port, self._settings.keepalive_seconds)
         except ssl.SSLCertVerificationError as exc:
@@ -203,6 +308,11 @@ class MqttSession:
         if code.is_failure:
             self.close()
             reason = f" ({self._connack_reason})" if self._connack_reason else ""
+            if code.value == BAD_AUTHENTICATION_METHOD and self._fw_token:
+                raise EnhancedAuthUnsupported(
+                    f"the MQTT server does not support enhanced authentication with "
+                    f"{TOKEN_AUTH_METHOD}{reason}",
+                    hint="the agent sends the token as the password instead")
             if code.value in REFUSAL_CODES:
                 raise ChannelRefused(
                     f"the MQTT server refused the connection: CONNACK 0x{code.value:02X} "
@@ -210,6 +320,102 @@ class MqttSession:
             raise ServerUnreachable(f"the MQTT server refused the connection: CONNACK "
                                     f"0x{code.value:02X} {code.getName()}{reason}")
         self._client.subscribe(commands_filter(self._device_id), qos=1)
+        if self._fw_token:
+            self._reauth_thread = threading.Thread(target=self._reauthenticate_forever,
+                                                   name="fleetward-agent-reauth", daemon=True)
+            self._reauth_thread.start()
+
+    # --- FW-TOKEN: challenge and re-authentication (MQTT 5.0 §4.12) ---------------------
+
+    def _on_auth(self, reason: int, method: str | None, data: bytes | None) -> None:
+        """paho's network thread: an AUTH packet from the server."""
+        if method != TOKEN_AUTH_METHOD:
+            log.error("the MQTT server sent AUTH for another authentication method",
+                      method=(method or "")[:40])
+            self._client.disconnect()
+            return
+        if reason == SUCCESS:  # a re-authentication succeeded (§4.12.1)
+            if self._reauth_token is not None:
+                self._token = self._reauth_token
+                self._reauth_token = None
+            self._reauth_done.set()
+            return
+        if reason != CONTINUE_AUTHENTICATION or data is None:
+            log.error("unexpected AUTH from the MQTT server", reason=f"0x{reason:02X}")
+            self._client.disconnect()
+            return
+        # The challenge of step 2: answer with a proof that carries it as nonce, for the
+        # token being authenticated (the CONNECT's, or the re-authentication's).
+        token = self._reauth_token or self._token
+        if token is None or self._tokens is None or token.proof_key is None:
+            log.error("the MQTT server challenged a token that needs no proof")
+            self._client.disconnect()
+            return
+        try:
+            proof = self._tokens.proof(token, "CONNECT", self._proof_url, nonce=data)
+        except Exception as exc:  # the key cannot sign (token removed, PIN changed)
+            log.error("cannot answer the server's challenge", error=f"{type(exc).__name__}")
+            self._client.disconnect()
+            return
+        self._client.send_auth(CONTINUE_AUTHENTICATION, TOKEN_AUTH_METHOD, proof.encode())
+
+    def _reauthenticate_forever(self) -> None:
+        """Re-authenticate with a fresh token at each token's refresh point, so the
+        session never reaches the token's expiry (and DISCONNECT 0xA0)."""
+        failures = 0
+        retry_at = 0.0
+        while not self._stopping.is_set() and not self.lost:
+            token = self._token
+            now = self._clock.now().timestamp()
+            due = retry_at if failures else (token.refresh_at if token else now)
+            if now < due:
+                # Short slices: the clock is read again (suspend/resume, clock steps).
+                self._stopping.wait(min(due - now, 1.0))
+                continue
+            try:
+                self._reauthenticate()
+                failures = 0
+            except FleetwardError as exc:
+                failures += 1
+                first, cap = REAUTH_RETRY_SECONDS
+                delay = min(cap, first * 2 ** (failures - 1))
+                retry_at = self._clock.now().timestamp() + delay
+                log.warning("re-authentication failed; retrying", error=exc.message,
+                            hint=exc.hint, retry_in_s=delay,
+                            token_expires_in_s=round(token.expires_at - now) if token else None)
+            except Exception:
+                log.exception("re-authentication failed unexpectedly")
+                failures += 1
+                retry_at = self._clock.now().timestamp() + REAUTH_RETRY_SECONDS[1]
+
+    def _reauthenticate(self) -> None:
+        """One AUTH 0x19 exchange with a fresh token.
+
+        Raises:
+            ServerUnreachable: no token, or no AUTH 0x00 in time.
+        """
+        if self._tokens is None:
+            return
+        fresh = self._tokens.token()  # past the refresh point: a new token
+        if fresh is self._token:
+            return  # (a clock step backwards) nothing new to offer yet
+        self._reauth_done.clear()
+        self._reauth_token = fresh
+        rc = self._client.send_auth(RE_AUTHENTICATE, TOKEN_AUTH_METHOD,
+                                    fresh.value.encode("ascii"))
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ServerUnreachable(f"cannot send AUTH: {mqtt.error_string(rc)}")
+        deadline = time.monotonic() + REAUTH_TIMEOUT_SECONDS
+        while not self._reauth_done.wait(WAIT_SLICE_SECONDS):
+            if self.lost or self._stopping.is_set():
+                return
+            if time.monotonic() > deadline:
+                self._reauth_token = None
+                raise ServerUnreachable("the MQTT server did not confirm the "
+                                        f"re-authentication within {REAUTH_TIMEOUT_SECONDS:g} s")
+        self.reauthentications += 1
+        log.info("mqtt session re-authenticated with a new access token",
+                 expires_in_s=round(fresh.expires_at - self._clock.now().timestamp()))
 
     def _tls_failure(self, text: str) -> ChannelRefused | ServerUnreachable:
         detail = " ".join(text.split())[:300]
@@ -240,6 +446,12 @@ class MqttSession:
                 f"the MQTT server ended the session: DISCONNECT 0x{code:02X} "
                 f"{REFUSAL_CODES[code]}{f' ({reason})' if reason else ''}",
                 code=code, reason=reason)
+        elif from_server and code == MAXIMUM_CONNECT_TIME:
+            # Nothing was refused: the credential's connect time is used up. Get a new one
+            # and reconnect (docs/credentials.md, "Expiry").
+            self._credential_expired = True
+            log.info("the server ended the session: its credential expired; reconnecting "
+                     "with a new one", reason=reason)
         elif from_server and code == TAKEOVER:
             log.error("another client connected with this device's id and took over the "
                       "session: a clone of this device may exist", reason=reason)
@@ -328,6 +540,7 @@ class MqttSession:
         return Outcome.REJECTED
 
     def close(self) -> None:
+        self._stopping.set()
         if self._closed:
             return
         self._closed = True
@@ -339,4 +552,5 @@ class MqttSession:
         self._lost.set()
 
 
-__all__ = ["MQTT_VERSIONS", "MqttSession", "MqttSettings", "mqtt_tls_context"]
+__all__ = ["MQTT_VERSIONS", "EnhancedAuthUnsupported", "MqttSession", "MqttSettings",
+           "mqtt_tls_context"]

@@ -16,6 +16,13 @@ HTTP 401/403 on ``/v1/devices/self``, a TLS alert against the certificate) is no
 hammered: the agent waits a long, jittered time (or exits with ``EXIT_REFUSED`` when
 asked to), and logs the server's reason. Only an operator can change that answer.
 
+With an access token or a SAS token (``auth`` in agent.toml, ``tokens.py``) the
+supervisor also owns the credential: a refusal that says the credential expired or was
+revoked gets one fresh credential and an immediate reconnect before it counts as a
+refusal of the device; DISCONNECT 0xA0 (the credential's connect time is up) and a
+password credential reaching its refresh point reconnect at once with a new one; a
+renewed certificate drops the token bound to the old certificate or key.
+
 While no session is up, records wait in the buffer (oldest dropped beyond its capacity)
 and are sent, oldest first, after reconnecting. Delivery is at least once.
 """
@@ -48,7 +55,12 @@ from fleetward.agent.https_client import (
     HttpsSession,
     https_transport_factory,
 )
-from fleetward.agent.mqtt_client import MqttSession, MqttSettings, mqtt_tls_context
+from fleetward.agent.mqtt_client import (
+    EnhancedAuthUnsupported,
+    MqttSession,
+    MqttSettings,
+    mqtt_tls_context,
+)
 from fleetward.agent.renewal import (
     DEFAULT_RENEW_FRACTION,
     MAX_SLEEP_SECONDS,
@@ -60,7 +72,7 @@ from fleetward.agent.renewal import (
     recover_interrupted,
     validate_fraction,
 )
-from fleetward.agent.state import StateLayout, load_config, state_lock
+from fleetward.agent.state import AgentConfig, StateLayout, load_config, state_lock
 from fleetward.agent.telemetry import (
     DEFAULT_MESSAGE_TYPE,
     OfflineBuffer,
@@ -68,6 +80,14 @@ from fleetward.agent.telemetry import (
     Source,
     validate_interval,
     validate_message_type,
+)
+from fleetward.agent.tokens import (
+    MAX_SAS_VALIDITY_SECONDS,
+    SAS_VALIDITY_SECONDS,
+    SasProvider,
+    TokenProvider,
+    make_credentials,
+    resolve_binding,
 )
 from fleetward.clock import Clock, SystemClock
 from fleetward.errors import FleetwardError, InvalidInput
@@ -91,6 +111,10 @@ SEND_TIMEOUT_SECONDS = 30.0  # a batch not acknowledged by then: the session is 
 MAX_PENDING_RESULTS = 256  # command results waiting for a session; oldest dropped beyond
 MAX_QUEUED_COMMANDS = 64  # received, not yet run; beyond, the server redelivers later
 POLL_SECONDS = 0.2  # how often idle loops look at stop/renewal flags
+# A session ended by DISCONNECT 0xA0, or because its password credential was due, is
+# replaced at once, unless it lasted less than this: then something is wrong with the
+# credential's lifetime or the clocks, and the usual backoff applies (no tight loop).
+MIN_CREDENTIAL_SESSION_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +141,7 @@ class RunOptions:
     refusal_cap_seconds: float = REFUSAL_CAP_SECONDS
     connect_timeout_seconds: float = 30.0
     send_timeout_seconds: float = SEND_TIMEOUT_SECONDS
+    sas_validity_seconds: int = SAS_VALIDITY_SECONDS  # auth = sas: each SAS token's life
 
     def __post_init__(self) -> None:
         if self.channel is not None and self.channel not in CHANNELS:
@@ -130,6 +155,10 @@ class RunOptions:
             raise InvalidInput("--buffer-size must be at least 1", hint="e.g. --buffer-size 1000")
         if self.qos not in (0, 1):
             raise InvalidInput(f"QoS {self.qos} is not supported", hint="use --qos 0 or --qos 1")
+        if not 1 <= self.sas_validity_seconds <= MAX_SAS_VALIDITY_SECONDS:
+            raise InvalidInput(f"--sas-validity must be 1-{MAX_SAS_VALIDITY_SECONDS} seconds",
+                               hint="the server refuses longer ones ([tokens] "
+                                    "max_sas_validity_seconds); e.g. --sas-validity 3600")
         if not (0 < self.reconnect_base_seconds <= self.reconnect_cap_seconds
                 and 0 < self.refusal_min_seconds <= self.refusal_cap_seconds):
             raise InvalidInput("backoff bounds must be positive with base <= cap")
@@ -153,13 +182,17 @@ class RunStats:
     backoffs: list[float] = field(default_factory=list)  # seconds waited before reconnects
 
 
-def pick_channel(requested: str | None, keystore_kind: str) -> str:
+def pick_channel(requested: str | None, keystore_kind: str, *,
+                 client_certificate: bool = True) -> str:
     """The channel to use: the requested one, or MQTT for a key file and HTTPS for a
-    token key (MQTT cannot use a token key, see ``mqtt_client``).
+    token key (MQTT cannot use a token key for TLS, see ``mqtt_client``). A session that
+    presents no client certificate (a key-bound access token, SAS) can use either.
 
     Raises:
-        InvalidInput: MQTT requested with a PKCS#11 keystore.
+        InvalidInput: MQTT requested with a PKCS#11 key as the TLS client key.
     """
+    if not client_certificate:
+        return requested or "mqtt"
     if requested == "mqtt" and keystore_kind == "pkcs11":
         raise InvalidInput("--mqtt cannot use the device key on the PKCS#11 token: Python's "
                            "TLS (paho-mqtt) needs the private key in a file",
@@ -168,6 +201,21 @@ def pick_channel(requested: str | None, keystore_kind: str) -> str:
     if requested is not None:
         return requested
     return "https" if keystore_kind == "pkcs11" else "mqtt"
+
+
+def presents_certificate(config: AgentConfig, keystore_kind: str,
+                         has_certificate: bool) -> bool:
+    """Whether the channels present the client certificate: mTLS, or a token bound to
+    the certificate (which is only good over a connection presenting it).
+
+    Raises:
+        AgentStateError: the mode needs what the state lacks.
+    """
+    if config.auth == "mtls":
+        return True
+    if config.auth == "sas":
+        return False
+    return resolve_binding(config, keystore_kind, has_certificate) == "certificate"
 
 
 def reconnect_delay(failures: int, rng: random.Random, options: RunOptions) -> float:
@@ -199,8 +247,12 @@ class Supervisor:
         self.wait = wait
         self.stats = RunStats()
         self.buffer = OfflineBuffer(options.buffer_max_records)
-        self.channel = pick_channel(options.channel, agent.keystore.kind)
         config = load_config(layout)
+        self.auth = config.auth
+        self.client_certificate = presents_certificate(config, agent.keystore.kind,
+                                                       layout.cert.exists())
+        self.channel = pick_channel(options.channel, agent.keystore.kind,
+                                    client_certificate=self.client_certificate)
         self.mqtt = MqttSettings(url=config.effective_mqtt_url(), version=options.mqtt_version,
                                  qos=options.qos, keepalive_seconds=options.keepalive_seconds,
                                  connect_timeout_seconds=options.connect_timeout_seconds)
@@ -208,6 +260,10 @@ class Supervisor:
         # Held while the certificate/key pair changes (renewal) and while a session loads
         # it: a session must never pair the new key with the old certificate.
         self.identity_lock = threading.Lock()
+        self.credentials: TokenProvider | SasProvider | None = make_credentials(
+            layout, config, agent.keystore, clock=clock, identity_lock=self.identity_lock,
+            sas_validity_seconds=options.sas_validity_seconds)
+        self._enhanced_auth = True  # FW-TOKEN until the server says it lacks it (0x8C)
         self.renewed = threading.Event()
         self.source_done = threading.Event()
         self._interval = options.interval_seconds
@@ -373,18 +429,24 @@ class Supervisor:
 
     def _default_session(self) -> Session:
         # The lock covers loading the certificate and key, not the (slow) connect.
+        # The credential provider takes identity_lock itself: never call it under the lock.
         if self.channel == "mqtt":
             with self.identity_lock:
-                context = mqtt_tls_context(self.layout, self.agent.keystore)
+                context = mqtt_tls_context(self.layout, self.agent.keystore,
+                                           client_certificate=self.client_certificate)
             mqtt_session = MqttSession(self.agent.device_id, self.mqtt, context,
-                                       self.accept_command)
+                                       self.accept_command, credentials=self.credentials,
+                                       enhanced_auth=self._enhanced_auth, clock=self.clock)
             mqtt_session.open(self.stop)
             return mqtt_session
         with self.identity_lock:
             factory = https_transport_factory(self.layout, self.agent.server_url,
-                                              self.agent.keystore)
+                                              self.agent.keystore,
+                                              client_certificate=self.client_certificate)
+        credentials = self.credentials
         https_session = HttpsSession(factory, self.accept_command,
-                                     poll_wait_seconds=self.options.poll_wait_seconds)
+                                     poll_wait_seconds=self.options.poll_wait_seconds,
+                                     authorize=credentials.http_headers if credentials else None)
         https_session.open(self.stop)
         return https_session
 
@@ -408,6 +470,10 @@ class Supervisor:
                 return "renewed"
             if session.lost:
                 return "lost"
+            # A password credential (MQTT 3.1.1 token, SAS) cannot be replaced in the
+            # session: reconnect with a new one before the server ends it at expiry.
+            if getattr(session, "credential_due", False):
+                return "credential"
             results = self._take_results()
             if results:
                 try:
@@ -453,12 +519,13 @@ class Supervisor:
                                     daemon=True),
                    threading.Thread(target=self._work_commands, name="fleetward-agent-commands",
                                     daemon=True)]
-        if self.options.renew:
+        if self.options.renew and self.layout.cert.exists():
             threads.append(threading.Thread(target=self._renew_forever, daemon=True,
                                             name="fleetward-agent-renewal"))
         for thread in threads:
             thread.start()
         log.info("agent running", device=self.agent.device_id, channel=self.channel,
+                 auth=self.auth,
                  url=self.mqtt.url if self.channel == "mqtt" else self.agent.server_url)
         try:
             self._supervise()
@@ -482,9 +549,17 @@ class Supervisor:
             try:
                 session = self._open_session(self)
             except ChannelRefused as exc:
+                if self._fresh_credential(exc):
+                    continue
                 refusals += 1
                 if self._refused(exc, refusals):
                     return
+                continue
+            except EnhancedAuthUnsupported as exc:
+                # Once per run: the token goes in the password from now on.
+                log.warning("the MQTT server does not support FW-TOKEN; sending the access "
+                            "token as the password", error=exc.message)
+                self._enhanced_auth = False
                 continue
             except FleetwardError as exc:
                 failures += 1
@@ -500,6 +575,8 @@ class Supervisor:
                                "cannot connect", None)
                 continue
             self.stats.connections += 1
+            if self.credentials is not None:
+                self.credentials.note_success()
             opened = time.monotonic()
             try:
                 why = self._serve(session)
@@ -516,7 +593,18 @@ class Supervisor:
                 self.stats.exit_reason = why
                 return
             if why == "renewed":
-                continue  # reconnect at once, with the new certificate
+                # Reconnect at once, with the new certificate (and a token bound to it or
+                # to the new key: the old key is gone).
+                if self.credentials is not None:
+                    self.credentials.invalidate()
+                continue
+            if why == "credential" and lasted >= MIN_CREDENTIAL_SESSION_SECONDS:
+                log.info("reconnecting with a new credential before the current one expires")
+                continue
+            if getattr(session, "credential_expired", False) and self.credentials is not None:
+                self.credentials.invalidate()
+                if lasted >= MIN_CREDENTIAL_SESSION_SECONDS:
+                    continue  # not a failure: the credential's time was up
             refusal = session.refusal
             if refusal is not None and serial is not None and serial != self._current_serial():
                 # The server ended a session of the certificate we just replaced (it
@@ -525,6 +613,8 @@ class Supervisor:
                          reason=refusal.reason)
                 continue
             if refusal is not None:
+                if self._fresh_credential(refusal):
+                    continue
                 refusals += 1
                 if self._refused(refusal, refusals):
                     return
@@ -532,6 +622,15 @@ class Supervisor:
             failures += 1
             self._back_off(reconnect_delay(failures, self.rng, self.options),
                            "connection lost", None)
+
+    def _fresh_credential(self, exc: ChannelRefused) -> bool:
+        """True when the refusal is about the credential and a new one is worth one
+        immediate retry (``Credentials.note_refusal``)."""
+        if self.credentials is None or not self.credentials.note_refusal(exc):
+            return False
+        log.info("the server refused the credential; retrying once with a new one",
+                 reason=exc.reason or None)
+        return True
 
     def _refused(self, exc: ChannelRefused, refusals: int) -> bool:
         """Handle a refusal of the identity; True when the run must end."""
@@ -591,7 +690,12 @@ def run_agent(layout: StateLayout, options: RunOptions, stop: threading.Event, *
     """
     clock = clock or SystemClock()
     agent = open_agent(layout, clock=clock, sleep=stop.wait)
-    pick_channel(options.channel, agent.keystore.kind)  # a misfit fails before any I/O
+    # A misfit (MQTT with a PKCS#11 TLS key, a token without a key pair) fails before
+    # any I/O.
+    pick_channel(options.channel, agent.keystore.kind,
+                 client_certificate=presents_certificate(load_config(layout),
+                                                         agent.keystore.kind,
+                                                         layout.cert.exists()))
     with state_lock(layout):
         # A renewal cut short (power loss) may have left the new key with the old
         # certificate; finish it before any session loads the pair.
@@ -603,4 +707,5 @@ def run_agent(layout: StateLayout, options: RunOptions, stop: threading.Event, *
 
 
 __all__ = ["CHANNELS", "EXIT_OK", "EXIT_REFUSED", "RunOptions", "RunStats", "Supervisor",
-           "pick_channel", "reconnect_delay", "refusal_delay", "run_agent"]
+           "pick_channel", "presents_certificate", "reconnect_delay", "refusal_delay",
+           "run_agent"]

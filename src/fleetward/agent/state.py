@@ -2,11 +2,17 @@
 
 Layout (the directory itself is 0700)::
 
-    agent.toml          server URL, device id, keystore settings (never a PIN or passphrase)
+    agent.toml          server URL, device id, MQTT URL, how the device authenticates
+                        (``auth``: mtls | token | sas), keystore settings (never a PIN,
+                        passphrase or key)
     ca.pem              the pinned CA certificates (RFC 7030 §4.1.1 explicit trust anchor)
-    cert.pem            the device certificate
+    cert.pem            the device certificate (absent for a device set up by ``init``
+                        that authenticates with access tokens or SAS only)
     device.key          encrypted PKCS#8 private key (file keystore only), 0600
     key-passphrase      generated passphrase of device.key, 0600 (unless the user gave a file)
+    symmetric-key       the device's symmetric key for SAS tokens, base64 (sas only), 0600
+    access-token.json   what ``run`` last obtained from the token endpoint, for ``status``:
+                        binding, scope, expiry, jti (never the token itself), 0600
     openssl-pkcs11.cnf  OpenSSL engine configuration for curl (PKCS#11 keystore only), 0600
     agent.lock          held while a command changes the state
 
@@ -37,7 +43,17 @@ from fleetward.agent.errors import AgentStateError
 from fleetward.errors import InvalidInput
 from fleetward.model import validate_device_id
 
-KEYSTORE_KINDS = ("file", "pkcs11")
+# "none": a device that holds only a symmetric key (SAS) and no key pair at all.
+KEYSTORE_KINDS = ("file", "pkcs11", "none")
+# How the device authenticates on its channels (docs/credentials.md):
+# mtls  - its certificate in the TLS handshake (what `enroll` sets up);
+# token - short-lived access tokens from the token endpoint (/oauth2/token), bound to the
+#         certificate (cnf x5t#S256) or to the device key (DPoP, cnf jkt);
+# sas   - SAS tokens signed with the device's symmetric key.
+AUTH_MODES = ("mtls", "token", "sas")
+# What a token is bound to: auto = the certificate when the device has one and Python's
+# TLS can present it (file keystore), else the key (private_key_jwt + DPoP).
+TOKEN_BINDINGS = ("auto", "certificate", "key")
 PASSPHRASE_BYTES = 32  # 256 bits from the OS CSPRNG, hex-encoded in the file
 
 
@@ -76,6 +92,14 @@ class StateLayout:
         return self.root / "key-passphrase"
 
     @property
+    def symmetric_key(self) -> Path:
+        return self.root / "symmetric-key"
+
+    @property
+    def token_status(self) -> Path:
+        return self.root / "access-token.json"
+
+    @property
     def openssl_conf(self) -> Path:
         return self.root / "openssl-pkcs11.cnf"
 
@@ -106,6 +130,9 @@ class KeystoreConfig:
                                   hint="use 'file' or 'pkcs11'")
         if self.kind == "file" and not self.passphrase_file:
             raise AgentStateError("the file keystore needs passphrase_file")
+        if self.kind == "none" and any(getattr(self, f.name) is not None
+                                       for f in fields(self) if f.name != "kind"):
+            raise AgentStateError("the keystore of kind none takes no other settings")
         if self.kind == "pkcs11":
             missing = [n for n in ("module", "token_label", "pin_file") if not getattr(self, n)]
             if missing:
@@ -122,6 +149,8 @@ class AgentConfig:
     est_label: str | None = None  # RFC 7030 §3.2.2 optional label path segment
     # The MQTT listener, mqtts://host[:port]; None: the server URL's host, port 8883.
     mqtt_url: str | None = None
+    auth: str = "mtls"  # AUTH_MODES
+    token_binding: str = "auto"  # TOKEN_BINDINGS (auth = token only)
 
     def __post_init__(self) -> None:
         validate_server_url(self.server_url)
@@ -130,6 +159,13 @@ class AgentConfig:
             validate_est_label(self.est_label)
         if self.mqtt_url is not None:
             validate_mqtt_url(self.mqtt_url)
+        validate_auth_mode(self.auth)
+        validate_token_binding(self.token_binding)
+        if self.keystore.kind == "none" and self.auth != "sas":
+            raise AgentStateError(
+                f"auth {self.auth!r} needs a key pair, and this device has none (it was set "
+                "up for SAS only)",
+                hint="generate one: fleetward-agent init --auth token --state-dir DIR …")
 
     def effective_mqtt_url(self) -> str:
         """``mqtt_url``, or the EST server's host on the IANA MQTT-over-TLS port 8883."""
@@ -179,6 +215,22 @@ def validate_mqtt_url(url: str) -> str:
         raise InvalidInput("the MQTT URL must be mqtts://host[:port] and nothing else",
                            hint="no credentials, path, query or fragment")
     return url.rstrip("/")
+
+
+def validate_auth_mode(mode: str) -> str:
+    """Raises: InvalidInput unless ``mode`` is one of ``AUTH_MODES``."""
+    if mode not in AUTH_MODES:
+        raise InvalidInput(f"unknown authentication mode {mode!r}",
+                           hint="use --auth mtls, --auth token or --auth sas")
+    return mode
+
+
+def validate_token_binding(binding: str) -> str:
+    """Raises: InvalidInput unless ``binding`` is one of ``TOKEN_BINDINGS``."""
+    if binding not in TOKEN_BINDINGS:
+        raise InvalidInput(f"unknown token binding {binding!r}",
+                           hint="use --token-binding auto, certificate or key")
+    return binding
 
 
 def validate_est_label(label: str) -> str:
@@ -320,6 +372,11 @@ def dump_config(config: AgentConfig) -> bytes:
         lines.append(f"est_label = {_toml_value(config.est_label)}")
     if config.mqtt_url is not None:
         lines.append(f"mqtt_url = {_toml_value(config.mqtt_url)}")
+    # Defaults are left out: the file of an agent that never changed them stays as it was.
+    if config.auth != "mtls":
+        lines.append(f"auth = {_toml_value(config.auth)}")
+    if config.token_binding != "auto":
+        lines.append(f"token_binding = {_toml_value(config.token_binding)}")
     lines.append("")
     lines.append("[keystore]")
     for field in fields(KeystoreConfig):
@@ -348,7 +405,7 @@ def load_config(layout: StateLayout) -> AgentConfig:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise AgentStateError(f"cannot read {layout.config}: {exc}") from exc
     keystore_raw = raw.pop("keystore", None)
-    top = {"server_url", "device_id", "est_label", "mqtt_url"}
+    top = {"server_url", "device_id", "est_label", "mqtt_url", "auth", "token_binding"}
     known = {f.name for f in fields(KeystoreConfig)}
     if not isinstance(keystore_raw, dict) or set(raw) - top or set(keystore_raw) - known:
         unknown = sorted((set(raw) - top) | (set(keystore_raw or {}) - known))
@@ -360,6 +417,8 @@ def load_config(layout: StateLayout) -> AgentConfig:
     try:
         return AgentConfig(server_url=raw["server_url"], device_id=raw["device_id"],
                            est_label=raw.get("est_label"), mqtt_url=raw.get("mqtt_url"),
+                           auth=raw.get("auth", "mtls"),
+                           token_binding=raw.get("token_binding", "auto"),
                            keystore=KeystoreConfig(**keystore_raw))
     except KeyError as exc:
         raise AgentStateError(f"{layout.config} lacks {exc.args[0]}") from None
@@ -406,8 +465,9 @@ def load_ca_bundle(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-__all__ = ["AgentConfig", "KeystoreConfig", "StateLayout", "dump_config", "ensure_state_dir",
+__all__ = ["AUTH_MODES", "TOKEN_BINDINGS", "AgentConfig", "KeystoreConfig", "StateLayout",
+           "dump_config", "ensure_state_dir",
            "generate_passphrase_file", "load_ca_bundle", "load_certificate_file",
            "load_config", "read_secret_file", "replace_durably", "save_config", "state_lock",
-           "validate_est_label", "validate_mqtt_url", "validate_server_url", "with_keystore",
-           "write_atomic"]
+           "validate_auth_mode", "validate_est_label", "validate_mqtt_url",
+           "validate_server_url", "validate_token_binding", "with_keystore", "write_atomic"]
