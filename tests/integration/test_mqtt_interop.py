@@ -155,6 +155,7 @@ def _connect_packet(client_id: str) -> bytes:
 
 
 CONNACK_ACCEPTED = b"\x20\x02\x00\x00"  # 3.1.1 §3.2: session present 0, return code 0
+CONNACK_BAD_CREDENTIALS = b"\x20\x02\x00\x04"  # return code 4: bad user name or password
 
 
 def s_client_mqtt(server: RunningServer, identity: DeviceIdentity, tls: str,
@@ -181,11 +182,34 @@ def test_s_client_without_our_certificate_gets_no_mqtt_session(
     assert genuine.returncode == 0, genuine.stderr.decode(errors="replace")
     assert genuine.stdout.startswith(CONNACK_ACCEPTED), genuine.stdout  # negative control
 
-    cert = None if client == "no certificate" else forge(tmp_path, identity.device_id,
-                                                         foreign_ca)
-    refused = s_client_mqtt(server, identity, tls, cert)
+    if client == "no certificate":
+        # The listener also serves token and SAS devices (server-auth TLS): the handshake
+        # completes and the CONNECT, which carries no credential, is refused (3.1.1
+        # return code 4, bad user name or password).
+        refused = s_client_mqtt(server, identity, tls, None)
+        assert refused.stdout == CONNACK_BAD_CREDENTIALS, refused.stdout
+        return
+    refused = s_client_mqtt(server, identity, tls, forge(tmp_path, identity.device_id,
+                                                         foreign_ca))
     assert CONNACK_ACCEPTED not in refused.stdout and refused.stdout == b"", refused.stdout
     assert refused.returncode != 0, "the TLS session ended cleanly: the server accepted it"
+
+
+def test_required_client_certificates_refuse_certificate_less_clients_at_tls(
+        tmp_path: Path) -> None:
+    """``[mqtt] client_certificate = "required"`` (mTLS-only fleets): a client without a
+    certificate does not get through the handshake at all; one with ours still does."""
+    server = start_server(tmp_path / "data", settings={
+        "mqtt": {"client_certificate": "required"}})
+    try:
+        setup_lab(server)
+        identity = lab(server, tmp_path, "mtls-only")
+        genuine = s_client_mqtt(server, identity, "-tls1_3", (identity.cert, identity.key))
+        assert genuine.stdout.startswith(CONNACK_ACCEPTED), genuine.stdout  # control
+        refused = s_client_mqtt(server, identity, "-tls1_3", None)
+        assert refused.stdout == b"" and refused.returncode != 0, refused.stdout
+    finally:
+        stop_server(server)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -201,6 +225,12 @@ def test_mosquitto_without_our_certificate_is_refused(
     if client == "no certificate":
         refused = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1",
                                 "-m", RECORD, client_cert=False)
+        # TLS completes (token and SAS devices use this listener too); the CONNECT has
+        # no credential: MQTT 5 0x86 / 3.1.1 return code 4, nothing published.
+        assert refused.returncode != 0, refused.stdout + refused.stderr
+        assert connack(refused) == (0x86 if version == "mqttv5" else 4), refused.stdout
+        assert puback(refused) is None, refused.stdout
+        return
     else:
         cert, key = forge(tmp_path, identity.device_id, foreign_ca)
         refused = mosquitto_pub(server, identity, version, "-t", topic, "-q", "1", "-m", RECORD,
