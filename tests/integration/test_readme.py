@@ -209,8 +209,9 @@ def clone(tmp_path: Path) -> Iterator[tuple[Path, RunningServer]]:
 
 
 def test_the_readme_tour_runs_word_for_word(clone: tuple[Path, RunningServer]) -> None:
-    """Slow (≈ 20-40 s): the whole tour against a real server (EST, MQTT, HTTPS, the agent,
-    a second ``fleetward init``); every step depends on the one before it."""
+    """Slow (≈ 30-50 s): the whole tour against a real server (EST, MQTT, HTTPS, the agent,
+    tokens and SAS, a second ``fleetward init``); every step depends on the one before
+    it."""
     folder, server = clone
     blocks = bind_listener_variables(shell_blocks(README.read_text(encoding="utf-8")), {
         "PUBLIC_URL": server.public_url,
@@ -235,6 +236,16 @@ def test_the_readme_tour_runs_word_for_word(clone: tuple[Path, RunningServer]) -
             ("ping", "succeeded", {"pong": 1})]
         assert admin.get("/v1/devices/sensor-0001").json()["state"] == "compromised"
         assert admin.get("/v1/devices/sensor-0002").json()["state"] == "active"
+        # Devices without certificates: the token agent's readings over MQTT, the SAS
+        # device's over MQTT (Azure's topic) and HTTPS, and sensor-0002's tokens revoked.
+        token_messages = admin.get("/v1/devices/sensor-0004/messages").json()["items"]
+        assert len(token_messages) == 3 and {m["channel"] for m in token_messages} == {"mqtt"}
+        sas_messages = admin.get("/v1/devices/sensor-0005/messages").json()["items"]
+        assert [(m["channel"], m["message_type"], m["payload"]) for m in sas_messages] == [
+            ("mqtt", "message", {"celsius": 19.0}),
+            ("https", "temperature", {"celsius": 19.5})]
+        assert admin.get("/v1/devices/sensor-0004/credentials").json()["items"][0][
+            "kind"] == "public_key"
     sans = subprocess.run(["openssl", "x509", "-in", str(folder / "prod-data/certs/server.pem"),
                            "-noout", "-ext", "subjectAltName"], capture_output=True, text=True,
                           check=True).stdout

@@ -120,7 +120,8 @@ def credential_add(
         name: Annotated[str | None, typer.Option(
             "--name", help="with --kind api-key: what the key is for")] = None,
         scope: Annotated[list[str] | None, typer.Option(
-            "--scope", help="with --kind api-key: a scope (repeatable): tokens:introspect")
+            "--scope", metavar="SCOPE",
+            help="with --kind api-key: a scope (repeatable): tokens:introspect")
                          ] = None,
         ttl_hours: Annotated[int | None, typer.Option(
             "--ttl-hours", min=1,
