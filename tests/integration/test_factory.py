@@ -230,7 +230,7 @@ def test_a_failure_half_way_keeps_the_rows_already_written(tmp_path: Path) -> No
     assert 500 <= len(rows) < 20000 and len(rows) % 500 == 0
     output = flat(stderr)
     assert f"created {len(rows)} of 20000 devices; their rows are in {manifest}" in output
-    assert "fleetward token create --device ID" in output  # what to do about the orphans
+    assert "fleetward bootstrap-token create --device ID" in output  # what to do about the orphans
     assert "Traceback" not in stderr + stdout
     assert stat.S_IMODE(manifest.stat().st_mode) == 0o600
     conn = sqlite3.connect(f"file:{own.data_dir / 'fleetward.db'}?mode=ro", uri=True)
