@@ -357,14 +357,17 @@ def wait_for_port(port: int, process: subprocess.Popen[Any], what: str,
 
 
 class Workers:
-    """Client processes, pinned, started together on one ``go``."""
+    """Client processes, pinned, started together on one ``go``. ``script`` is the worker
+    program (this file by default; another bench may run its own workers, which speak
+    the same ready / go / one JSON line protocol)."""
 
-    def __init__(self, argvs: list[list[str]], pinning: Pinning, tmp: Path) -> None:
+    def __init__(self, argvs: list[list[str]], pinning: Pinning, tmp: Path,
+                 script: Path = WORKER) -> None:
         conf = tmp / "openssl-p256.cnf"
         conf.write_text(P256_ONLY_CONF)
         env = dict(os.environ, OPENSSL_CONF=str(conf))
         self.processes = [
-            subprocess.Popen([*pinning.prefix("clients"), sys.executable, str(WORKER), *argv],
+            subprocess.Popen([*pinning.prefix("clients"), sys.executable, str(script), *argv],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
             for argv in argvs]

@@ -4,6 +4,7 @@ never is, and what a flood from unauthenticated peers cannot crowd out."""
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy import select
 from fleetward.edge import hooks as hooks_module
 from fleetward.edge.channel import Admission
 from fleetward.edge.hooks import AuditWriter, ChannelHooks
+from fleetward.model import AuditEvent
 from fleetward.store.schema import audit_events
 from tests.conftest import Stack
 
@@ -73,3 +75,38 @@ def test_aggregated_limit_reports_are_never_dropped_and_are_failures(
     errors = rows(sqlite_stack, "mqtt.protocol_error")
     assert len(errors) == 1, "the throttle still works"
     assert errors[0].outcome == "failure"
+
+
+def test_events_submitted_together_are_written_in_one_transaction_in_order(
+        sqlite_stack: Stack, executor: ThreadPoolExecutor) -> None:
+    """A burst (token issuances, refusals) costs one commit, and keeps its order."""
+    commits: list[int] = []
+    sqlite_stack.db.on_commit = lambda: commits.append(1)
+    writer = AuditWriter(sqlite_stack.db, sqlite_stack.audit, executor)
+    gate = threading.Event()
+    executor.submit(gate.wait)  # the writer thread is busy while the burst arrives
+    for n in range(30):
+        writer.submit(AuditEvent(action="test.burst", actor="test", target=f"n:{n}"))
+    gate.set()
+    executor.submit(lambda: None).result()
+    assert [r.target for r in rows(sqlite_stack, "test.burst")] == [f"n:{n}" for n in range(30)]
+    assert len(commits) == 1
+    writer.submit(AuditEvent(action="test.burst", actor="test", target="later"))
+    executor.submit(lambda: None).result()
+    assert len(commits) == 2 and rows(sqlite_stack, "test.burst")[-1].target == "later"
+
+
+def test_an_event_that_cannot_be_written_loses_only_itself(
+        sqlite_stack: Stack, executor: ThreadPoolExecutor) -> None:
+    writer = AuditWriter(sqlite_stack.db, sqlite_stack.audit, executor)
+    gate = threading.Event()
+    executor.submit(gate.wait)
+    writer.submit(AuditEvent(action="test.batch", actor="test", target="before"))
+    circular: dict[str, Any] = {}
+    circular["self"] = circular  # canonical JSON cannot encode it: append raises
+    writer.submit(AuditEvent(action="test.batch", actor="test", target="bad",
+                             details=circular))
+    writer.submit(AuditEvent(action="test.batch", actor="test", target="after"))
+    gate.set()
+    executor.submit(lambda: None).result()
+    assert [r.target for r in rows(sqlite_stack, "test.batch")] == ["before", "after"]

@@ -21,6 +21,7 @@ from fleetward.config import TokensConfig
 from fleetward.crypto.jose import (
     ALGORITHM,
     b64url,
+    decode_segment,
     jwk_thumbprint,
     public_key_from_jwk,
     token_hash,
@@ -110,8 +111,8 @@ class ProofVerifier:
         if not isinstance(proof, str) or len(proof) > MAX_PROOF_CHARS or proof.count(".") != 2:
             raise TokenRefused("the proof is not a compact JWS of three parts")
         try:
-            header = jwt.get_unverified_header(proof)
-        except jwt.PyJWTError:
+            header = decode_segment(proof.split(".", 1)[0])
+        except (ValueError, UnicodeDecodeError):
             raise TokenRefused("the proof's header is not valid JSON") from None
         if header.get("typ") != PROOF_TYPE:
             raise TokenRefused(f"the proof's typ must be {PROOF_TYPE} (RFC 9449 §4.2)")

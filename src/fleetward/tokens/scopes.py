@@ -50,6 +50,7 @@ SCOPE_RULES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 SCOPES: tuple[str, ...] = tuple(SCOPE_RULES)
 RECOVERY_SCOPES: frozenset[str] = frozenset({"device:read", "ota:download"})
 MAX_SCOPE_CHARS = 1024
+COMPILED_SCOPES_CACHED = 8192  # (scopes, device) pairs; ≈ 5 KiB each
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token
 
 
@@ -86,9 +87,18 @@ def _scope_policy(scopes: tuple[str, ...]) -> NamedPolicy:
 
 
 def compile_scope(scopes: tuple[str, ...], device: Device) -> CompiledPolicy:
-    """What a token with ``scopes`` may do, as a policy for ``device`` (compiled once
-    per connection, or per verified token on HTTPS)."""
-    variables = PolicyVariables(device.id, device.type, device.owner)
+    """What a token with ``scopes`` may do, as a policy for ``device``.
+
+    Shared by every connection and request of the device with the same scopes (a
+    compiled policy is immutable; its decision cache gives the same answers to all):
+    compiling costs ≈ 70 µs, a third of a token CONNECT's server time otherwise."""
+    return _compiled_scope(scopes, device.id, device.type, device.owner)
+
+
+@functools.lru_cache(maxsize=COMPILED_SCOPES_CACHED)
+def _compiled_scope(scopes: tuple[str, ...], device_id: str, device_type: str,
+                    owner: str) -> CompiledPolicy:
+    variables = PolicyVariables(device_id, device_type, owner)
     if not scopes:
         return compile_policies([], variables)  # denies everything
     return compile_policies([_scope_policy(scopes)], variables)
