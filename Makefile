@@ -65,6 +65,7 @@ bench: $(VENV)/.stamp-run
 	$(BIN)/python bench/handshake.py
 	$(BIN)/python bench/mqtt.py
 	$(BIN)/python bench/policy.py
+	$(BIN)/python bench/tokens.py
 
 clean:
 	rm -rf $(VENV) $(AZURE_VENV) .pytest_cache .mypy_cache .ruff_cache
