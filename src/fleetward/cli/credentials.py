@@ -224,18 +224,30 @@ def credential_list(
     if as_json:
         print_json(items)
     elif device is not None:
-        table(f"Credentials of {device}",
-              ["id", "kind", "status", "primary", "secondary", "thumbprint", "created",
-               "rotated", "revoked"],
-              [[c["id"], c["kind"], c["status"], _version(c["primary_version"]),
-                _version(c["secondary_version"]), c["jkt"], c["created_at"],
-                c["rotated_at"], c["revoked_at"]] for c in items])
+        # Five columns: a list is read at 80 columns too (`show` has every field).
+        table(f"Credentials of {device}", ["id", "kind", "status", "key", "since"],
+              [[c["id"], c["kind"], c["status"], _key_column(c),
+                c["revoked_at"] or c["rotated_at"] or c["created_at"]] for c in items])
     else:
-        table("API keys", ["id", "name", "scopes", "created", "expires", "rotated",
-                           "previous valid until", "revoked"],
+        table("API keys", ["id", "name", "scopes", "status", "expires"],
               [[f"{API_KEY_PREFIX}{k['id']}", k["name"], " ".join(k["scopes"]),
-                k["created_at"], k["expires_at"], k["rotated_at"],
-                k["previous_valid_until"], k["revoked_at"]] for k in items])
+                _api_key_status(k), k["expires_at"] or "never"] for k in items])
+
+
+def _key_column(credential: dict[str, Any]) -> str:
+    """Symmetric: the slots' versions; public key: its RFC 7638 thumbprint."""
+    if credential["kind"] == "public_key":
+        return str(credential["jkt"])
+    return (f"primary {_version(credential['primary_version'])}, "
+            f"secondary {_version(credential['secondary_version'])}")
+
+
+def _api_key_status(key: dict[str, Any]) -> str:
+    if key["revoked_at"]:
+        return f"revoked {key['revoked_at']}"
+    if key["previous_valid_until"]:
+        return f"active (previous secret until {key['previous_valid_until']})"
+    return "active"
 
 
 def _version(value: int | None) -> str | None:
