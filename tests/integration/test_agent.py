@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -46,10 +45,11 @@ from fleetward.clock import FrozenClock
 from fleetward.crypto.pkcs11 import Pkcs11Signer
 from fleetward.errors import KeyUnavailable
 from tests.conftest import RunningServer, need_service
+from tests.softhsm import SOFTHSM_MODULE as MODULE
+from tests.softhsm import softhsm_tokens
 
 pytestmark = pytest.mark.softhsm
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 AGENT = [sys.executable, "-m", "fleetward.agent.cli"]
 TOKEN_LABEL = "fw-agent-int"  # unique in the test process (sessions are cached per label)
 
@@ -63,28 +63,11 @@ class SoftHsm:
 
 @pytest.fixture(scope="module")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {MODULE})")
     if not Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so").exists() and not list(
             Path("/usr/lib").glob("*/engines-3/pkcs11.so")):
         need_service("OpenSSL's pkcs11 engine (Debian: libengine-pkcs11-openssl)")
-    root = tmp_path_factory.mktemp("softhsm-agent-int")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    pin = secrets.token_hex(4)
-    pin_file = root / "pin"
-    pin_file.write_text(pin + "\n")
-    pin_file.chmod(0o600)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        subprocess.run([str(util), "--init-token", "--free", "--label", TOKEN_LABEL,
-                        "--so-pin", secrets.token_hex(8), "--pin", pin],
-                       check=True, capture_output=True, timeout=30)
-        pkcs11.lib(MODULE).reinitialize()
-        yield SoftHsm(conf, pin, pin_file)
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm-agent-int"), [TOKEN_LABEL]) as tokens:
+        yield SoftHsm(tokens.conf, tokens.pin, tokens.pin_file)
 
 
 # --- helpers -------------------------------------------------------------------------------

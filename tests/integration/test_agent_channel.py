@@ -30,8 +30,6 @@ import json
 import os
 import queue
 import random
-import secrets
-import shutil
 import signal
 import socket
 import ssl
@@ -45,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pkcs11
 import pytest
 import structlog
 from aiohttp import web
@@ -79,6 +76,7 @@ from fleetward.config import CAConfig
 from fleetward.errors import InvalidInput
 from tests.conftest import Stack, free_port, need_service
 from tests.integration.channel_helpers import write_cert_and_key
+from tests.softhsm import SOFTHSM_MODULE, softhsm_tokens
 from tests.unit.test_agent_est_client import Pki
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -768,33 +766,15 @@ def test_https_refusal_of_the_device_stops_with_exit_on_refusal(
 
 # --- HTTPS with the key on a PKCS#11 token (curl + OpenSSL's pkcs11 engine) ------------------
 
-SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "fw-agent-channel"  # labels are per process: one token for this module only
 
 
 @pytest.fixture(scope="module")
 def token_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(SOFTHSM_MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {SOFTHSM_MODULE})")
     if not list(Path("/usr/lib").glob("*/engines-3/pkcs11.so")):
         need_service("OpenSSL's pkcs11 engine (Debian: libengine-pkcs11-openssl)")
-    root = tmp_path_factory.mktemp("softhsm-channel")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    pin = secrets.token_hex(4)
-    pin_file = root / "pin"
-    pin_file.write_text(pin + "\n")
-    pin_file.chmod(0o600)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        subprocess.run([str(util), "--init-token", "--free", "--label", TOKEN_LABEL,
-                        "--so-pin", secrets.token_hex(8), "--pin", pin],
-                       check=True, capture_output=True, timeout=30)
-        pkcs11.lib(SOFTHSM_MODULE).reinitialize()
-        yield pin, pin_file
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm-channel"), [TOKEN_LABEL]) as tokens:
+        yield tokens.pin, tokens.pin_file
 
 
 def token_agent(stack: Stack, root: Path, device_id: str, server_url: str,

@@ -25,7 +25,6 @@ import base64
 import dataclasses
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import threading
@@ -47,7 +46,8 @@ from fleetward.agent.telemetry import SimulatedSensor
 from fleetward.agent.tokens import TokenProvider, make_credentials
 from fleetward.agent.transport import client_tls_context
 from fleetward.clock import SystemClock
-from tests.conftest import RunningServer, need_service, start_server, stop_server
+from tests.conftest import RunningServer, start_server, stop_server
+from tests.softhsm import SOFTHSM_MODULE, init_tokens
 
 AGENT = [sys.executable, "-m", "fleetward.agent.cli"]
 TOKEN_LIFETIME_SECONDS = 6  # refreshed at 4 s: a test sees several tokens
@@ -386,31 +386,15 @@ def test_sas_sessions_reconnect_with_a_fresh_sas_before_se(server: RunningServer
 
 # --- a key on a PKCS#11 token, over MQTT ------------------------------------------------
 
-SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "fw-agent-credentials"  # labels are per process: one token for this module
 
 
 @pytest.fixture(scope="module")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], Path]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(SOFTHSM_MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {SOFTHSM_MODULE})")
-    root = tmp_path_factory.mktemp("softhsm-credentials")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    pin = secrets.token_hex(4)
-    pin_file = root / "pin"
-    pin_file.write_text(pin + "\n")
-    pin_file.chmod(0o600)
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    subprocess.run([str(util), "--init-token", "--free", "--label", TOKEN_LABEL,
-                    "--so-pin", secrets.token_hex(8), "--pin", pin],
-                   check=True, capture_output=True, timeout=30, env=env)
+    tokens = init_tokens(tmp_path_factory.mktemp("softhsm-credentials"), [TOKEN_LABEL])
     # Only the agent subprocesses use the token (SOFTHSM2_CONF in their environment):
     # this process's PKCS#11 library is never touched.
-    return env, pin_file
+    return {**os.environ, "SOFTHSM2_CONF": str(tokens.conf)}, tokens.pin_file
 
 
 def test_a_pkcs11_key_signs_the_tokens_of_an_mqtt_session(

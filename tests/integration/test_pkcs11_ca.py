@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,11 +37,12 @@ from fleetward.ca import OcspResponder
 from fleetward.clock import FrozenClock
 from fleetward.crypto.pkcs11 import Pkcs11Signer
 from fleetward.errors import ConfigurationError, KeyUnavailable
-from tests.conftest import FLEETWARD, build_stack, need_service, start_server, stop_server
+from tests.conftest import FLEETWARD, build_stack, start_server, stop_server
+from tests.softhsm import SOFTHSM_MODULE as MODULE
+from tests.softhsm import softhsm_tokens
 
 pytestmark = pytest.mark.softhsm
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 # One token per test (labels are per process: a logged-in session is cached per token).
 TOKENS = ("fw-stack", "fw-attrs", "fw-pin-fresh", "fw-pin-cached", "fw-labels", "fw-cli")
 
@@ -66,26 +65,8 @@ class SoftHsm:
 @pytest.fixture(scope="module", autouse=True)
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     """A SoftHSM2 token directory for this module, with every token initialised."""
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {MODULE})")
-    root = tmp_path_factory.mktemp("softhsm")
-    tokendir = root / "tokens"
-    tokendir.mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokendir}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    hsm = SoftHsm(conf, tokendir, pin=secrets.token_hex(4))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        for label in TOKENS:
-            subprocess.run([str(util), "--init-token", "--free", "--label", label,
-                            "--so-pin", secrets.token_hex(8), "--pin", hsm.pin],
-                           check=True, capture_output=True, timeout=30)
-        # If an earlier test module already loaded the module (python-pkcs11 keeps one per
-        # process), C_Finalize + C_Initialize makes SoftHSM2 read this config and these tokens.
-        pkcs11.lib(MODULE).reinitialize()
-        yield hsm
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm"), TOKENS) as tokens:
+        yield SoftHsm(tokens.conf, tokens.tokendir, pin=tokens.pin)
 
 
 def device_csr(device_id: str) -> bytes:

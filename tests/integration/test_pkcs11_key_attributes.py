@@ -18,7 +18,6 @@ module fixture writes the config and initialises every token first.
 from __future__ import annotations
 
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -35,10 +34,11 @@ from fleetward.agent.keystore import Pkcs11Keystore
 from fleetward.agent.state import AgentConfig, KeystoreConfig, ensure_state_dir, save_config
 from fleetward.crypto.pkcs11 import Pkcs11Signer
 from tests.conftest import FLEETWARD, need_service
+from tests.softhsm import SOFTHSM_MODULE as MODULE
+from tests.softhsm import softhsm_tokens
 
 pytestmark = pytest.mark.softhsm
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CLI_TOKEN, LIB_TOKEN, AGENT_TOKEN = "fw-usage-cli", "fw-usage-lib", "fw-usage-agent"
 CA_LABELS = ("fleetward-root-ca", "fleetward-issuing-ca")
 CONTROL_LABEL = "control-python-pkcs11-defaults"
@@ -51,23 +51,9 @@ class Token:
 
 @pytest.fixture(scope="module", autouse=True)
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {MODULE})")
-    root = tmp_path_factory.mktemp("softhsm-usage")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    token = Token(pin=secrets.token_hex(4))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        for label in (CLI_TOKEN, LIB_TOKEN, AGENT_TOKEN):
-            subprocess.run([str(util), "--init-token", "--free", "--label", label,
-                            "--so-pin", secrets.token_hex(8), "--pin", token.pin],
-                           check=True, capture_output=True, timeout=30)
-        pkcs11.lib(MODULE).reinitialize()
-        yield token
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm-usage"),
+                        (CLI_TOKEN, LIB_TOKEN, AGENT_TOKEN)) as tokens:
+        yield Token(pin=tokens.pin)
 
 
 @pytest.fixture(scope="module")

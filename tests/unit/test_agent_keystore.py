@@ -14,9 +14,6 @@ config, initialises the token and re-initialises the library (see test_pkcs11_ca
 from __future__ import annotations
 
 import hashlib
-import secrets
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +39,9 @@ from fleetward.agent.state import (
 )
 from fleetward.crypto.pkcs11 import Pkcs11Signer
 from fleetward.errors import KeyUnavailable
-from tests.conftest import need_service
+from tests.softhsm import SOFTHSM_MODULE as MODULE
+from tests.softhsm import softhsm_tokens
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN = "fw-agent-unit"  # labels are per process: one token for this module only
 WRONG_PIN_TOKEN = "fw-agent-unit-pin"
 
@@ -127,23 +124,9 @@ class Token:
 
 @pytest.fixture(scope="module")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {MODULE})")
-    root = tmp_path_factory.mktemp("softhsm-agent")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    token = Token(conf, secrets.token_hex(4))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        for label in (TOKEN, WRONG_PIN_TOKEN):
-            subprocess.run([str(util), "--init-token", "--free", "--label", label,
-                            "--so-pin", secrets.token_hex(8), "--pin", token.pin],
-                           check=True, capture_output=True, timeout=30)
-        pkcs11.lib(MODULE).reinitialize()
-        yield token
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm-agent"),
+                        (TOKEN, WRONG_PIN_TOKEN)) as tokens:
+        yield Token(tokens.conf, tokens.pin)
 
 
 def token_keystore(root: Path, token: Token, token_label: str = TOKEN,

@@ -24,8 +24,6 @@ import base64
 import datetime as dt
 import json
 import secrets
-import shutil
-import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import pkcs11
 import pytest
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -90,7 +87,7 @@ from fleetward.tokens.access import TokenRefused
 from fleetward.tokens.assertion import PRIVATE_KEY_JWT, AssertionVerifier, DeviceKeys
 from fleetward.tokens.dpop import ProofVerifier, TargetUri
 from fleetward.tokens.replay import ReplayCache
-from tests.conftest import need_service
+from tests.softhsm import SOFTHSM_MODULE, softhsm_tokens
 from tests.unit.test_agent_est_client import NOW, Pki
 from tests.unit.test_agent_run import ListSource, ScriptedServer, ScriptedSession, readings
 from tests.unit.test_agent_state import enrolled_file_state
@@ -582,31 +579,13 @@ def test_the_paho_subclass_hands_auth_to_its_handler_and_queues_its_answers() ->
 
 # --- keys on a PKCS#11 token sign assertions and proofs ------------------------------------------
 
-SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "fw-agent-tokens-unit"  # labels are per process: one token for this module
 
 
 @pytest.fixture(scope="module")
 def softhsm_pin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(SOFTHSM_MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {SOFTHSM_MODULE})")
-    root = tmp_path_factory.mktemp("softhsm-tokens")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    pin = secrets.token_hex(4)
-    pin_file = root / "pin"
-    pin_file.write_text(pin + "\n")
-    pin_file.chmod(0o600)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        subprocess.run([str(util), "--init-token", "--free", "--label", TOKEN_LABEL,
-                        "--so-pin", secrets.token_hex(8), "--pin", pin],
-                       check=True, capture_output=True, timeout=30)
-        pkcs11.lib(SOFTHSM_MODULE).reinitialize()
-        yield pin_file
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm-tokens"), [TOKEN_LABEL]) as tokens:
+        yield tokens.pin_file
 
 
 def test_a_key_on_a_pkcs11_token_signs_assertions_and_proofs(

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,8 @@ from fleetward.errors import ConfigurationError, KeyUnavailable
 from fleetward.store import Database
 from fleetward.store.schema import data_keys
 from fleetward.tokens.credentials import load_data_key
-from tests.conftest import need_service
+from tests.softhsm import SOFTHSM_MODULE as MODULE
+from tests.softhsm import softhsm_tokens
 
 DEK = bytes(range(32))
 
@@ -274,7 +273,6 @@ def test_nodes_creating_the_data_key_at_once_share_one(db: Database, db_url: str
 
 # --- the PKCS#11 KEK (SoftHSM2) ------------------------------------------------------------
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 # One token per test that logs in differently (a logged-in session is cached per token).
 TOKENS = ("fw-kek", "fw-kek-planted", "fw-kek-pin")
 
@@ -291,24 +289,8 @@ class SoftHsm:
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     """A SoftHSM2 token directory with this module's tokens (tests/integration/
     test_pkcs11_ca.py explains why every token is initialised up front)."""
-    util = shutil.which("softhsm2-util")
-    if util is None or not Path(MODULE).exists():
-        need_service(f"SoftHSM2 (softhsm2-util and {MODULE})")
-    root = tmp_path_factory.mktemp("softhsm-kek")
-    tokendir = root / "tokens"
-    tokendir.mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokendir}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\n")
-    hsm = SoftHsm(pin=secrets.token_hex(4))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        for label in TOKENS:
-            subprocess.run([str(util), "--init-token", "--free", "--label", label,
-                            "--so-pin", secrets.token_hex(8), "--pin", hsm.pin],
-                           check=True, capture_output=True, timeout=30)
-        pkcs11.lib(MODULE).reinitialize()
-        yield hsm
+    with softhsm_tokens(tmp_path_factory.mktemp("softhsm-kek"), TOKENS) as tokens:
+        yield SoftHsm(pin=tokens.pin)
 
 
 @pytest.fixture(scope="module")
