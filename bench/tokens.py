@@ -440,7 +440,7 @@ def check_token_endpoint(server: ch.FleetwardServer, identities: list[ch.Identit
         metadata = anonymous.get(f"{base}/.well-known/oauth-authorization-server").json()
         jwks = anonymous.get(f"{base}/.well-known/jwks.json").json()
         refused = anonymous.post(f"{base}{TOKEN_PATH}", data=form)
-    if refused.status_code != 401 or refused.json().get("error") != "invalid_client":
+    if refused.status_code != 400 or refused.json().get("error") != "invalid_client":
         raise SystemExit(f"bench: the token endpoint did not refuse a client without "
                          f"credentials: {refused.status_code} {refused.text[:200]}")
     mtls = server_auth_context(server.chain)
@@ -466,7 +466,7 @@ def check_token_endpoint(server: ch.FleetwardServer, identities: list[ch.Identit
         other.load_cert_chain(str(identities[1].cert), str(identities[1].key))
         with httpx.Client(verify=other, timeout=30) as client:
             impostor = client.post(f"{base}{TOKEN_PATH}", data=form)
-        if impostor.status_code != 401:
+        if impostor.status_code != 400:
             raise SystemExit("bench: the token endpoint gave a token for one device to "
                              f"another's certificate: {impostor.status_code}")
     if wait_for_audit(server.data_dir / "fleetward.db", before + 1) != before + 1:

@@ -193,7 +193,8 @@ class TokensConfig:
     # (fail closed) until old ones age out.
     replay_cache_entries: int = 200000
     # Revoked jtis (fleetward credential revoke --jti) remembered in memory, each until
-    # the longest token it could name has expired.
+    # the longest token it could name has expired; beyond it single revocations are
+    # refused (revoke the device's tokens instead), never forgotten early.
     max_revoked_tokens: int = 100000
     # A new signing key every this many days; the previous one stays in the JWKS until
     # the tokens it signed have expired (max lifetime + clock skew).

@@ -220,7 +220,8 @@ def _reissue(layout: DataDirLayout, data_dir: Path, hostnames: list[str] | None,
                         conn, old.serial, record.serial, revoke_at):
                     superseded = old.serial
                     if revoke_at <= now:
-                        authority.revoke(conn, old.serial, "superseded", actor)
+                        authority.revoke(conn, old.serial, "superseded", actor,
+                                         planned_rotation=True)
             names = server_names(extra)
             audit.append(conn, AuditEvent(
                 action=REISSUED_ACTION, actor=actor, target=f"ca:{ISSUING_NAME}",

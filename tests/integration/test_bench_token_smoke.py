@@ -177,7 +177,7 @@ def test_issue_worker_counts_refused_token_requests_as_failures(
     result = json.loads(report)
     assert result["done"] == 0
     assert result["failed"] == 10  # the worker gives up; the bench then fails the run
-    assert result["error"].startswith("401 ") and "invalid_client" in result["error"]
+    assert result["error"].startswith("400 ") and "invalid_client" in result["error"]
     assert result["seconds"] < 5  # it did not spin for the whole run
 
 

@@ -420,12 +420,12 @@ def drive_access_tokens(ledger: Ledger, base: Path) -> list[str]:
                              client_assertion=good,
                              proof=token_proof(ledger, "proof token endpoint", cert_key))
     dpop = ledger.jwt("token dpop", response.json()["access_token"])
-    token_request(ledger, "token: replayed assertion", 401, client_assertion=good,
+    token_request(ledger, "token: replayed assertion", 400, client_assertion=good,
                   proof=token_proof(ledger, "proof replayed assertion", cert_key))
-    token_request(ledger, "token: assertion by another key", 401,
+    token_request(ledger, "token: assertion by another key", 400,
                   client_assertion=assertion(ledger, "assertion forged", device_id, new_key()),
                   proof=token_proof(ledger, "proof forged assertion", cert_key))
-    token_request(ledger, "token: expired assertion", 401,
+    token_request(ledger, "token: expired assertion", 400,
                   client_assertion=assertion(ledger, "assertion expired", device_id, cert_key,
                                              exp_in=-90),
                   proof=token_proof(ledger, "proof expired assertion", cert_key))
@@ -459,7 +459,7 @@ def drive_access_tokens(ledger: Ledger, base: Path) -> list[str]:
                              client_assertion=assertion(ledger, "assertion hs256", sym_id,
                                                         primary))
     unbound = ledger.jwt("token unbound", response.json()["access_token"])
-    token_request(ledger, "token: hs256 by another key", 401,
+    token_request(ledger, "token: hs256 by another key", 400,
                   client_assertion=assertion(ledger, "assertion hs256 forged", sym_id,
                                              secrets.token_bytes(32)))
     device_get(ledger, "https: unbound token", 200, f"Bearer {unbound}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetward.edge.mqtt import codec as c
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.integration.channel_helpers import DeviceIdentity, make_device
 from tests.integration.token_helpers import (
@@ -45,6 +48,7 @@ from tests.integration.token_helpers import (
     mqtt_uri,
     new_key,
     password_session,
+    server_only_tls,
     token_by_dpop,
     token_by_mtls,
 )
@@ -316,3 +320,38 @@ def test_connect_with_another_authentication_method_is_refused(
     assert session.connack_reason
     if expected == BAD_AUTHENTICATION_METHOD:
         assert FW_TOKEN in session.connack_reason  # says which method to use
+
+
+@pytest.mark.parametrize("interruption", ["publish", "disconnect"])
+def test_only_auth_or_disconnect_may_interrupt_the_challenge(
+        server: RunningServer, device: DeviceIdentity, interruption: str) -> None:
+    """[MQTT-3.1.2-30]: while the FW-TOKEN challenge waits, the client may send only AUTH
+    or DISCONNECT. A PUBLISH there is a protocol error (nothing stored, no session); a
+    DISCONNECT ends the attempt quietly."""
+    token = token_by_dpop(server, device)
+    raw = socket.create_connection(("127.0.0.1", server.mqtt_port), timeout=10)
+    with server_only_tls(server).wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(c.encode(c.Connect(device.device_id, c.MQTT_5, properties=c.Properties(
+            authentication_method=FW_TOKEN, authentication_data=token.encode())), c.MQTT_5))
+        reader = c.PacketReader(1 << 20, c.MQTT_5)  # what the server sends
+        challenge = None
+        while challenge is None:
+            reader.feed(sock.recv(4096))
+            challenge = reader.next_packet()
+        assert isinstance(challenge, c.Auth)  # control: the exchange is under way
+        assert challenge.reason_code == CONTINUE_AUTHENTICATION
+        if interruption == "publish":
+            sock.sendall(c.encode(c.Publish(f"devices/{device.device_id}/telemetry/t",
+                                            b'{"t": 1}', 0, False), c.MQTT_5))
+        else:
+            sock.sendall(c.encode(c.Disconnect(), c.MQTT_5))
+        received = b""
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except (ConnectionResetError, ssl.SSLError):
+            pass  # the server aborted the connection: it is closed all the same
+    assert not any(isinstance(p, c.Connack) for p in c.decode_all(received, c.MQTT_5))
+    with server.admin() as admin:
+        stored = admin.get(f"/v1/devices/{device.device_id}/messages").json()["items"]
+    assert stored == []

@@ -566,7 +566,7 @@ def test_client_secret_jwt_gives_an_unbound_bearer_token_until_the_key_is_revoke
 
     # Negative control: the key's base64 text is not the key (docs: the raw 32 bytes).
     wrong = token_by_secret_jwt(server, device.device_id, device.primary.encode())
-    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client", wrong.text
+    assert wrong.status_code == 400 and wrong.json()["error"] == "invalid_client", wrong.text
 
     granted = token_by_secret_jwt(server, device.device_id, raw_primary)
     assert granted.status_code == 200, granted.text
@@ -614,7 +614,7 @@ def test_client_secret_jwt_gives_an_unbound_bearer_token_until_the_key_is_revoke
     finally:
         session.close()
     again = token_by_secret_jwt(server, device.device_id, raw_primary)
-    assert again.status_code == 401 and again.json()["error"] == "invalid_client", again.text
+    assert again.status_code == 400 and again.json()["error"] == "invalid_client", again.text
 
 
 # --- the SDK's whole device client ---------------------------------------------------------------

@@ -288,10 +288,10 @@ def test_token_endpoint_refuses_a_thiefs_certificate_for_the_victims_client_id(
     with it is ``invalid_client`` (RFC 8705 §2), not a token for the victim."""
     assert request_token(server, identity=victim).status_code == 200  # control
     response = request_token(server, identity=thief, client_id=victim.device_id)
-    assert response.status_code == 401, response.text
+    assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_client"
     stolen_key = load_key(thief)  # an assertion for the victim signed by the thief's key
     response = request_token(server, assertion_of=(victim.device_id, stolen_key),
                              dpop_key=stolen_key)
-    assert response.status_code == 401, response.text
+    assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_client"

@@ -499,13 +499,18 @@ def test_get_and_list(stack: Stack, service: DeviceCredentialService, device: st
         service.get("pk_0123456789abcdef")
 
 
-def test_regenerating_a_key_leaves_the_device_tokens_alone(
+def test_regenerating_a_key_ends_the_device_tokens(
         stack: Stack, service: DeviceCredentialService, device: str) -> None:
+    """A key is regenerated because it may have leaked: tokens minted with it
+    (client_secret_jwt) must not outlive it, and a token does not say which key."""
     new = service.add_symmetric(device, ACTOR)
+    with stack.db.read() as conn:
+        before = device_rows.get_device(conn, device)
+    assert before is not None and before.credential_generation == 0  # control
     service.rotate_symmetric(new.credential_id, "primary", ACTOR)
     with stack.db.read() as conn:
         dev = device_rows.get_device(conn, device)
-    assert dev is not None and dev.credential_generation == 0
+    assert dev is not None and dev.credential_generation == 1
 
 
 @pytest.fixture

@@ -391,3 +391,13 @@ def test_replay_cache_forgets_expired_entries() -> None:
     assert len(cache) == 3
     assert cache.use("k0", keep_until=50.0, now=12.0)  # forgotten: its window is over
     assert not cache.use("k3", keep_until=50.0, now=12.0)  # k3 lives until 13
+
+
+def test_one_holder_cannot_take_the_whole_replay_cache() -> None:
+    """A device making proofs in a loop fills its own share, not everyone's room."""
+    cache = ReplayCache(100, max_per_owner=10)
+    now = 1_000.0
+    assert all(cache.use(f"greedy-{n}", now + 60, now, owner="greedy") for n in range(10))
+    assert not cache.use("greedy-10", now + 60, now, owner="greedy")
+    assert cache.use("honest-0", now + 60, now, owner="honest")  # control: others still fit
+    assert cache.use("greedy-11", now + 120, now + 61, owner="greedy")  # its entries aged out

@@ -919,3 +919,16 @@ def test_random_bytes_close_only_that_connection(
     wait_until(lambda: server.stats().connections == 1, what="fuzz connection gone")
     stats = server.stats()
     assert stats.sessions == 1  # only the bystander's: nothing piles up
+
+
+def test_authentication_data_without_a_method_is_a_protocol_error(
+        server: ServerThread) -> None:
+    """§3.1.2.11.10: Authentication Data without an Authentication Method is a Protocol
+    Error; no CONNACK 0x00, the connection ends."""
+    client = RawClient(server, "d1", V5)
+    client.send(c.Connect("d1", V5, properties=c.Properties(authentication_data=b"x")))
+    packets = client.until_closed()
+    assert not any(isinstance(p, c.Connack) and p.reason_code == 0 for p in packets)
+    assert server.live.count() == 0
+    control = RawClient(server, "d1", V5)
+    assert control.connect("d1").reason_code == 0

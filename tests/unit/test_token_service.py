@@ -6,6 +6,7 @@ keys. Every refusal sits next to the same request without its defect succeeding.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -28,7 +29,7 @@ from fleetward.config import ChannelConfig, TokensConfig
 from fleetward.crypto.signer import FileSigner, Signer
 from fleetward.edge.channel import Admission, Closer, LiveConnections, Refusal, Refused
 from fleetward.edge.gate import DeviceSecrets, TrustGate
-from fleetward.errors import Conflict, InvalidInput
+from fleetward.errors import Conflict, InvalidInput, TooManyRequests
 from fleetward.model import AuditEvent, LifecycleState, device_uri
 from fleetward.registry.policies import PolicyService
 from fleetward.tokens.access import AccessTokenIssuer, AccessTokenVerifier
@@ -324,7 +325,7 @@ def test_private_key_jwt_with_a_registered_public_key(server: Server) -> None:
     server.public_keys["d1"] = []
     with pytest.raises(OAuthError) as excinfo:
         server.pkjwt(d1, dpop=proof_key)
-    assert oauth_error(excinfo) == ("invalid_client", 401)
+    assert oauth_error(excinfo) == ("invalid_client", 400)
 
 
 def test_private_key_jwt_over_mtls_is_bound_to_the_certificate(server: Server) -> None:
@@ -395,7 +396,7 @@ def test_tls_client_auth_needs_the_client_id_of_its_certificate(server: Server) 
     with pytest.raises(OAuthError) as excinfo:
         server.service.token(TokenRequest({**base, "client_id": "d2"}, ENDPOINT,
                                           peer_der=d1.der))
-    assert oauth_error(excinfo) == ("invalid_client", 401)
+    assert oauth_error(excinfo) == ("invalid_client", 400)
     server.tls(d1)  # control
 
 
@@ -416,7 +417,7 @@ def test_no_or_foreign_client_authentication_is_invalid_client(server: Server) -
         with pytest.raises(OAuthError) as excinfo:
             server.service.token(TokenRequest(form, ENDPOINT, peer_der=peer,
                                               dpop=server.proof(key)))
-        assert oauth_error(excinfo) == ("invalid_client", 401)
+        assert oauth_error(excinfo) == ("invalid_client", 400)
     server.tls(d1)  # control
 
 
@@ -445,7 +446,7 @@ def test_device_out_of_service_is_invalid_client(server: Server,
     server.sync()
     with pytest.raises(OAuthError) as excinfo:
         server.pkjwt(d1, dpop=d1.key)
-    assert oauth_error(excinfo) == ("invalid_client", 401)
+    assert oauth_error(excinfo) == ("invalid_client", 400)
     assert state.value in excinfo.value.description
 
 
@@ -456,7 +457,7 @@ def test_disabled_device_with_a_valid_certificate_is_invalid_client(server: Serv
     server.sync()
     with pytest.raises(OAuthError) as excinfo:
         server.tls(d1)
-    assert oauth_error(excinfo) == ("invalid_client", 401)
+    assert oauth_error(excinfo) == ("invalid_client", 400)
 
 
 def test_registered_device_is_unauthorized_client(server: Server) -> None:
@@ -558,7 +559,7 @@ def test_hs256_assertion_keyed_with_the_certificate_public_key_is_refused(
                                        serialization.PublicFormat.SubjectPublicKeyInfo)
     with pytest.raises(OAuthError) as excinfo:
         server.pkjwt(d1, assertion=server.hs_assertion(d1, secret=pem))
-    assert oauth_error(excinfo) == ("invalid_client", 401)
+    assert oauth_error(excinfo) == ("invalid_client", 400)
     server.pkjwt(d1, assertion=server.hs_assertion(d1))  # control: the real key
 
 
@@ -700,3 +701,20 @@ def test_gate_refuses_a_certificate_bound_token_over_an_expired_certificate(
     assert isinstance(server.gate.admit(d1.der, channel="https"), Refused)  # certificate
     verdict = refused(server.admit(token, peer_der=d1.der))
     assert verdict.code is Refusal.BAD_CREDENTIALS
+
+
+def test_single_revocations_are_bounded_and_never_forgotten_early(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every node holds revoked jtis in memory: beyond [tokens] max_revoked_tokens a new
+    one is refused (revoke the device's tokens instead), none is dropped to make room."""
+    bounded = dataclasses.replace(CONFIG, max_revoked_tokens=2)
+    monkeypatch.setattr(server.service, "_config", bounded)
+    server.service.revoke_token("jti-one", "operator:test")
+    server.service.revoke_token("jti-two", "operator:test")
+    with pytest.raises(TooManyRequests, match="max_revoked_tokens"):
+        server.service.revoke_token("jti-three", "operator:test")
+    server.gate.apply(server.gate.poll())
+    assert server.gate.is_token_revoked("jti-one") and server.gate.is_token_revoked("jti-two")
+    server.stack.clock.advance(dt.timedelta(
+        seconds=CONFIG.max_access_token_lifetime_seconds + CONFIG.clock_skew_seconds))
+    server.service.revoke_token("jti-three", "operator:test")  # the old ones aged out

@@ -212,7 +212,9 @@ ROUTES: tuple[Route, ...] = (
               "jti": STRING,
               "refused_until": {**DATE_TIME, "description": "remembered until every "
                                                             "token it could name expired"}}))},
-          errors={409: "it is already revoked"}),
+          errors={409: "it is already revoked",
+                  429: "[tokens] max_revoked_tokens single revocations are live already: "
+                       "revoke the device's tokens instead"}),
     Route("POST", "/v1/devices/{device_id}/access-tokens/revoke", Role.OPERATOR,
           revoke_device_access_tokens,
           "Refuse every access token a device holds (its credential generation moves on); "

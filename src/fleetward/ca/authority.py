@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 from fleetward.audit import AuditLog
 from fleetward.ca.crl import build_crl
 from fleetward.ca.pipeline import IssuerContext, IssueRequest, run_pipeline
-from fleetward.ca.reasons import SUPERSEDED, parse_reason
+from fleetward.ca.reasons import parse_reason
 from fleetward.clock import Clock
 from fleetward.config import CAConfig
 from fleetward.crypto.signer import Signer, signature_hash
@@ -163,9 +163,15 @@ class Authority:
         )
 
     def revoke(
-        self, conn: Connection, serial: int, reason: str, actor: str, *, refresh_crl: bool = True
+        self, conn: Connection, serial: int, reason: str, actor: str, *, refresh_crl: bool = True,
+        planned_rotation: bool = False,
     ) -> CertificateRecord:
         """Revoke one certificate (RFC 5280 reason), audit it and re-sign its CA's CRL.
+
+        The device's access tokens end with it (its credential generation moves on),
+        unless ``planned_rotation``: re-enrollment retiring the previous certificate after
+        its overlap, where the device's key-bound tokens must live on. An operator's
+        revocation always ends them, whatever reason it names.
 
         Raises:
             NotFound: no such certificate.
@@ -184,10 +190,10 @@ class Authority:
                 f"certificate {record.serial_hex} is already revoked",
                 hint="revocation is final; nothing to do",
             )
-        if record.device_id and reason != SUPERSEDED:
+        if record.device_id and not planned_rotation:
             # A revoked key may have been used to obtain access tokens (private_key_jwt,
-            # tls_client_auth): they die with it. A planned rotation (superseded) is no
-            # reason to cut off tokens bound to the device's other keys.
+            # tls_client_auth): they die with it. A planned rotation is no reason to cut
+            # off tokens bound to the device's other keys.
             device_rows.bump_credential_generation(conn, record.device_id)
         self.audit.append(
             conn,

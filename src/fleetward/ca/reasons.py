@@ -15,7 +15,6 @@ REASONS: dict[str, x509.ReasonFlags] = {
     "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
     "privilege_withdrawn": x509.ReasonFlags.privilege_withdrawn,
 }
-SUPERSEDED = "superseded"  # the reason re-enrollment's overlap sweep revokes with
 # certificateHold/removeFromCRL are left out on purpose: Fleetward revocation is final,
 # and "unhold" is what disabled → active is for.
 

@@ -92,6 +92,9 @@ class PresentedCredentials:
                 return self._http_refuse("DPoP", "invalid_dpop_proof",
                                          "send exactly one DPoP header with the proof "
                                          "(RFC 9449 §4.3)", source, token.device_id)
+            standing = self.gate.token_standing(token, channel="https", source=source)
+            if standing is not None:
+                return HttpRefused(standing, "DPoP", "invalid_token")
             try:
                 proof = self.proofs.verify(dpop[0], method=method, target=target,
                                            access_token=value)
@@ -164,6 +167,9 @@ class PresentedCredentials:
                                     "mqtt", source, token.device_id)
         proof_jkt = None
         if len(parts) == 2:
+            standing = self.gate.token_standing(token, channel="mqtt", source=source)
+            if standing is not None:
+                return standing
             try:
                 proof_jkt = self.proofs.verify(parts[1], method=MQTT_PROOF_METHOD,
                                                target=self.mqtt_target,
@@ -186,7 +192,11 @@ class PresentedCredentials:
                                     f"{TOKEN_AUTH_METHOD}: the Authentication Data must be "
                                     "the access token", "mqtt", source, None)
         token = self._verify(text, source, "mqtt")
-        return token if isinstance(token, Refused) else (token, text)
+        if isinstance(token, Refused):
+            return token
+        # A revoked token gets no challenge (and spends nothing).
+        standing = self.gate.token_standing(token, channel="mqtt", source=source)
+        return standing if standing is not None else (token, text)
 
     def mqtt_admit(self, token: AccessToken, token_text: str, *, client_id: str,
                    peer_der: bytes | None, source: str, proof: bytes | None = None,
@@ -195,6 +205,16 @@ class PresentedCredentials:
         (key-bound tokens), or without one (certificate-bound over mTLS, unbound)."""
         proof_jkt = None
         if proof is not None:
+            try:
+                # The token may have expired or been revoked while the client answered
+                # the challenge (a session must not open only to end at once).
+                self.verifier.verify(token_text)
+            except TokenRefused as exc:
+                return self.gate.refuse(Refusal.BAD_CREDENTIALS, exc.reason, "mqtt", source,
+                                        token.device_id)
+            standing = self.gate.token_standing(token, channel="mqtt", source=source)
+            if standing is not None:
+                return standing
             try:
                 proof_jkt = self.proofs.verify(proof.decode("ascii"), method=MQTT_PROOF_METHOD,
                                                target=self.mqtt_target,

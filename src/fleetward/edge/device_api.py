@@ -379,11 +379,13 @@ async def get_commands(request: web.Request, api: DeviceApi,
     if transport is None or transport.is_closing():
         return web.json_response({"items": []})
     if admission.auth is not AuthMethod.CERTIFICATE:
-        # Not registered as a live connection: ask the gate whether the token or SAS
-        # still stands (revoked, expired, device disabled while we waited).
+        # Not registered as a live connection (nothing swaps its policy in place): ask
+        # the gate whether the token or SAS still stands (revoked, expired, device
+        # disabled while we waited) and decide with the policy as it is now.
         current = api.gate.recheck(admission, channel="https")
         if isinstance(current, Refused):
             raise Forbidden(current.reason, hint="get a new access token")
+        admission = current
     decision = admission.decide(Action.http(request.method), "v1/commands")
     if not decision.allowed:
         raise Forbidden(decision.reason, hint="this device may no longer fetch commands")

@@ -177,6 +177,7 @@ class TrustGate:
         self._revoked: set[int] = set()
         self._policy_snapshot: Any = None
         self._verified: OrderedDict[bytes, VerifiedCertificate] = OrderedDict()
+        self._verified_lock = threading.Lock()
         self._refusal_throttle = Throttle(config.refusal_audit_window_seconds)
         self._last_seq = 0
         self._poll_lock = threading.Lock()
@@ -256,7 +257,12 @@ class TrustGate:
                         if forget is not None:
                             update.revoked_tokens[jti] = forget
                     elif change.action in TOKEN_KEY_ACTIONS and self._token_keys_changed:
-                        self._token_keys_changed()
+                        try:
+                            self._token_keys_changed()
+                        except Exception:
+                            # A key this node cannot open must never stop the feed:
+                            # revocations behind it would not reach this node (fail open).
+                            log.exception("reloading the token signing keys failed")
         if update.policy_changed:
             update.policy_snapshot = self._policies.snapshot()
         self._last_seq = last
@@ -465,6 +471,33 @@ class TrustGate:
         verdict.generation = token.generation
         return verdict
 
+    def token_standing(self, token: AccessToken, *, channel: str,
+                       source: str = "") -> Refused | None:
+        """Whether a verified token still stands (not revoked by jti or by the device's
+        credential generation, its device in a state that may act), before its proof is
+        checked: a proof's jti is spent only for a token that could be admitted, so a
+        revoked token cannot fill the replay cache. Refusals are audited as ``admit``'s."""
+        device = self._devices.get(token.device_id)
+        if token.jti in self._revoked_tokens or (
+                device is not None and device.credential_generation != token.generation):
+            return self._refuse(Refusal.BANNED, "the access token is revoked", channel,
+                                source, token.device_id)
+        if device is None or device.state not in (LifecycleState.ACTIVE,
+                                                   LifecycleState.QUARANTINED):
+            return self._refuse(Refusal.BAD_CREDENTIALS if device is None else
+                                Refusal.NOT_AUTHORIZED,
+                                "unknown device" if device is None else
+                                f"device is {device.state.value}", channel, source,
+                                token.device_id)
+        return None
+
+    def may_act(self, device_id: str) -> bool:
+        """The device exists and is active or quarantined (the token endpoint asks
+        before it spends a client assertion's jti)."""
+        device = self._devices.get(device_id)
+        return device is not None and device.state in (LifecycleState.ACTIVE,
+                                                       LifecycleState.QUARANTINED)
+
     def admit_sas(self, device_id: str, sas: SharedAccessSignature, *, channel: str,
                   source: str = "", client_id: str | None = None) -> Admission | Refused:
         """Admit a peer that presents a SAS token signed with one of ``device_id``'s
@@ -582,10 +615,12 @@ class TrustGate:
 
     def _verify(self, der: bytes) -> VerifiedCertificate | None:
         digest = hashlib.sha256(der).digest()
-        cached = self._verified.get(digest)
-        if cached is not None:
-            self._verified.move_to_end(digest)
-            return cached
+        # The token endpoint calls this from worker threads, the listeners from the loop.
+        with self._verified_lock:
+            cached = self._verified.get(digest)
+            if cached is not None:
+                self._verified.move_to_end(digest)
+                return cached
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
@@ -598,9 +633,10 @@ class TrustGate:
         verified = VerifiedCertificate(cert.serial_number, device_id,
                                        cert.not_valid_before_utc.timestamp(),
                                        cert.not_valid_after_utc.timestamp())
-        self._verified[digest] = verified
-        if len(self._verified) > VERIFIED_CERT_CACHE_ENTRIES:
-            self._verified.popitem(last=False)
+        with self._verified_lock:
+            self._verified[digest] = verified
+            if len(self._verified) > VERIFIED_CERT_CACHE_ENTRIES:
+                self._verified.popitem(last=False)
         return verified
 
     def refuse(self, code: Refusal, reason: str, channel: str, source: str,

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 
 from fleetward.edge.hooks import Throttle
-from fleetward.errors import FleetwardError
+from fleetward.errors import FleetwardError, Forbidden
 from fleetward.model import AuditEvent
 from fleetward.tokens.api_keys import ApiKeyService
 from fleetward.tokens.dpop import TargetUri
@@ -111,11 +111,7 @@ class OAuthEndpoints:
                 dpop=dpop[0] if dpop else None))
         except OAuthError as exc:
             self._refused("access_token.refused", exc, source)
-            headers = dict(NO_STORE)
-            if exc.status == 401:
-                # RFC 6749 §5.2: which client authentication this server takes.
-                headers["WWW-Authenticate"] = 'Bearer error="invalid_client"'
-            return web.json_response(exc.to_json(), status=exc.status, headers=headers)
+            return web.json_response(exc.to_json(), status=exc.status, headers=NO_STORE)
         self.audit(grant.audit_event(source))
         return web.json_response(grant.response(), headers=NO_STORE)
 
@@ -124,14 +120,18 @@ class OAuthEndpoints:
         authorization = request.headers.get("Authorization", "")
         scheme, _, presented = authorization.partition(" ")
         try:
+            # RFC 7662 §2.3: the caller's own bearer credential (here an API key) is
+            # judged as RFC 6750 §3.1 says: 401 invalid_token, 403 insufficient_scope.
             if scheme.lower() != "bearer" or not presented:
-                raise OAuthError("invalid_client", "introspection needs Authorization: "
+                raise OAuthError("invalid_token", "introspection needs Authorization: "
                                  "Bearer fwk_<id>.<secret> (an API key with "
                                  f"{INTROSPECT_SCOPE})", status=401)
             try:
                 await self._run(self.api_keys.authenticate, presented, INTROSPECT_SCOPE)
+            except Forbidden as exc:
+                raise OAuthError("insufficient_scope", exc.message, status=403) from None
             except FleetwardError as exc:
-                raise OAuthError("invalid_client", exc.message, status=401) from None
+                raise OAuthError("invalid_token", exc.message, status=401) from None
             form = await _form(request)
             token = form.get("token")
             if not token:
@@ -140,10 +140,12 @@ class OAuthEndpoints:
         except OAuthError as exc:
             self._refused("access_token.introspection_refused", exc, source)
             headers = dict(NO_STORE)
-            if exc.status == 401:
-                headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            if exc.status in (401, 403):
+                headers["WWW-Authenticate"] = (
+                    f'Bearer error="{exc.error}"' + (f', scope="{INTROSPECT_SCOPE}"'
+                                                     if exc.status == 403 else ""))
             return web.json_response(exc.to_json(), status=exc.status, headers=headers)
-        answer = self.service.introspect(token, cnf)
+        answer = await self._run(self.service.introspect, token, cnf)
         return web.json_response(answer, headers=NO_STORE)
 
     def _refused(self, action: str, exc: OAuthError, source: str) -> None:
@@ -151,9 +153,11 @@ class OAuthEndpoints:
         log.info("oauth request refused", action=action, error=exc.error,
                  reason=exc.description, device_id=exc.device_id, source=source)
         if self.refusals.allow((subject, f"{action}:{exc.error}")):
+            # The actor is the peer: a refused client is not known to be the device it
+            # claims (anyone can send client_id=<victim>); the device is the target.
             self.audit(AuditEvent(
                 action=action,
-                actor=f"device:{exc.device_id}" if exc.device_id else f"remote:{source}",
+                actor=f"remote:{source}",
                 target=f"device:{exc.device_id}" if exc.device_id else f"remote:{subject}",
                 outcome="failure",
                 details={"error": exc.error, "reason": exc.description, "source": source}))

@@ -391,7 +391,8 @@ class EnrollmentService:
             raise Conflict(f"certificate {old.serial_hex} was re-enrolled concurrently",
                            hint="re-enroll with the newest certificate")
         if overlap <= dt.timedelta(0):
-            self.authority.revoke(conn, old.serial, "superseded", actor)
+            self.authority.revoke(conn, old.serial, "superseded", actor,
+                                  planned_rotation=True)
 
     def sweep_superseded(self) -> int:
         """Revoke superseded certificates whose overlap has ended; returns how many."""
@@ -404,7 +405,7 @@ class EnrollmentService:
             for record in due:
                 try:
                     self.authority.revoke(conn, record.serial, "superseded", "system",
-                                          refresh_crl=False)
+                                          refresh_crl=False, planned_rotation=True)
                     revoked += 1
                 except Conflict:
                     continue

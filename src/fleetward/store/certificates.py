@@ -80,6 +80,13 @@ def list_certificates(
     return [certificate_from_row(r._mapping) for r in conn.execute(query)]
 
 
+def get_by_fingerprint(conn: Connection, fingerprint_sha256: str) -> CertificateRecord | None:
+    """The certificate whose DER has this SHA-256 (lower-case hex), if we issued it."""
+    row = conn.execute(select(certificates).where(
+        certificates.c.fingerprint_sha256 == fingerprint_sha256)).first()
+    return certificate_from_row(row._mapping) if row else None
+
+
 def find_by_key(conn: Connection, spki_digest: str) -> list[CertificateRecord]:
     """Certificates for one public key (SHA-256 of its SPKI), newest first."""
     rows = conn.execute(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, func, select
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.exc import IntegrityError
 
@@ -42,3 +42,8 @@ def forget_after(conn: Connection, jti: str) -> float | None:
     row = conn.execute(select(revoked_access_tokens.c.forget_after)
                        .where(revoked_access_tokens.c.jti == jti)).first()
     return None if row is None else float(row[0].timestamp())
+
+
+def count_live(conn: Connection, now: dt.datetime) -> int:
+    return int(conn.execute(select(func.count()).select_from(revoked_access_tokens)
+                            .where(revoked_access_tokens.c.forget_after > now)).scalar_one())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -76,8 +76,8 @@ class AccessToken:
 
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
-    token: str
-    claims: AccessToken
+    token: str = field(repr=False)  # a bearer credential: never in a repr or a log
+    claims: AccessToken = field()
 
 
 class AccessTokenIssuer:

@@ -61,8 +61,14 @@ class AssertionVerifier:
         self._audiences = audiences
 
     def verify(self, assertion: str, client_id: str | None,
-               keys_for: Callable[[str], DeviceKeys]) -> AuthenticatedClient:
+               keys_for: Callable[[str], DeviceKeys],
+               may_spend: Callable[[str], bool] | None = None) -> AuthenticatedClient:
         """The device the assertion authenticates.
+
+        Args:
+            may_spend: whether the device may get tokens at all; only then is the
+                assertion's jti recorded (a refused device cannot fill the replay
+                cache; the caller refuses it with the reason).
 
         Raises:
             TokenRefused: the assertion does not authenticate anyone (``invalid_client``).
@@ -133,7 +139,11 @@ class AssertionVerifier:
                 raise TokenRefused(f"the assertion's {name} is in the future")
         if not isinstance(jti, str) or not 1 <= len(jti) <= 128:
             raise TokenRefused("the assertion's jti must be 1-128 characters")
-        if not self._replay.use(f"assertion:{subject}:{jti}", float(exp) + skew, now):
+        # A device that may not act gets no token whatever the assertion says (the
+        # caller refuses it with the reason), so its jti need not, and must not, take
+        # room in the replay cache.
+        if (may_spend is None or may_spend(subject)) and not self._replay.use(
+                f"assertion:{subject}:{jti}", float(exp) + skew, now, owner=subject):
             raise TokenRefused("the assertion was used before (its jti is single-use)")
         method = PRIVATE_KEY_JWT if alg == ALGORITHM else CLIENT_SECRET_JWT
         return AuthenticatedClient(subject, method)

@@ -246,7 +246,8 @@ class DeviceCredentialService:
 
     def rotate_symmetric(self, credential_id: str, slot: str, actor: str) -> NewKey:
         """Regenerate one slot's key; the slot's version moves on, so sessions signed
-        with the old key end. Devices on the other slot are not disturbed.
+        with the old key end, and so do the device's access tokens (one minted with the
+        old key cannot be told apart). SAS sessions on the other slot are not disturbed.
 
         Args:
             credential_id: an ``sk_`` credential.
@@ -284,6 +285,10 @@ class DeviceCredentialService:
                 raise Conflict(f"credential {credential_id} changed while its {slot} key was "
                                "regenerated", hint="list it and try again")
             version = old_version + 1
+            # Tokens minted with the old key (client_secret_jwt) end too: a key is
+            # regenerated because it may have leaked, and a token does not say which key
+            # got it. Devices fetch new tokens; SAS sessions on the other slot go on.
+            device_rows.bump_credential_generation(conn, row.device_id)
             self._audit.append(conn, AuditEvent(
                 action=CREDENTIAL_ROTATED, actor=actor, target=f"device:{row.device_id}",
                 details={"credential_id": credential_id, "kind": SYMMETRIC_KEY, "slot": slot,

@@ -162,7 +162,7 @@ class ProofVerifier:
         jkt = jwk_thumbprint(header["jwk"])
         # Single use within the window in which it could be accepted at all.
         keep_until = iat + self._max_age + 2 * self._skew
-        if not self._replay.use(f"dpop:{jkt}:{jti}", keep_until, now):
+        if not self._replay.use(f"dpop:{jkt}:{jti}", keep_until, now, owner=jkt):
             raise TokenRefused("the proof was used before (replay) or the server is "
                                "overloaded with proofs; make a new one")
         return Proof(jkt, jti, iat, key)

@@ -40,7 +40,7 @@ class SigningKey:
     public_key: ec.EllipticCurvePublicKey
     jwk: Mapping[str, str]
     created_at: dt.datetime
-    signer: Signer | None  # None: retired (verifies only) or not openable here
+    signer: Signer | None  # None: retired (verifies only) or not openable on this node
     retired_at: dt.datetime | None
     expires_at_epoch: float  # inf while active; verification refused from then on
 
@@ -69,6 +69,7 @@ class SigningKeys:
         self._new_signer = new_signer
         self._keys: dict[str, SigningKey] = {}
         self._active: SigningKey | None = None
+        self._newest: SigningKey | None = None
 
     # --- reading (any thread; the dicts are replaced, never mutated) -------------------
 
@@ -80,7 +81,7 @@ class SigningKeys:
             KeyUnavailable: the active key cannot be opened (passphrase, token).
         """
         self._read()
-        if self._active is None:
+        if self._newest is None:  # none at all (not: one this node cannot open)
             self.rotate("system", "first token signing key")
 
     def reload(self) -> None:
@@ -92,22 +93,37 @@ class SigningKeys:
             rows = key_rows.live_keys(conn, self._clock.now())
         keys: dict[str, SigningKey] = {}
         active: SigningKey | None = None
+        newest: SigningKey | None = None  # the newest key not retired, openable or not
         for row in rows:
             public = public_key_from_jwk(row.public_jwk)
             signer = None
             if row.retired_at is None:
                 previous = self._keys.get(row.kid)
                 signer = (previous.signer if previous is not None and previous.signer
-                          else self._open_signer(row.key_ref))
+                          else self._try_open(row.kid, row.key_ref))
             expires = (row.expires_at.timestamp() if row.expires_at is not None
                        else math.inf)
             key = SigningKey(row.kid, public, row.public_jwk, row.created_at, signer,
                              row.retired_at, expires)
             keys[row.kid] = key
+            if row.retired_at is None and (newest is None
+                                           or key.created_at >= newest.created_at):
+                newest = key
             if signer is not None and (active is None or key.created_at >= active.created_at):
                 active = key
         self._keys = keys
         self._active = active
+        self._newest = newest
+
+    def _try_open(self, kid: str, key_ref: Mapping[str, Any]) -> Signer | None:
+        """The signer of a key, or None when this node cannot open it (another node's
+        key file, a token error): it still verifies, this node just cannot sign with it."""
+        try:
+            return self._open_signer(key_ref)
+        except (KeyUnavailable, ConfigurationError) as exc:
+            log.error("token signing key not available on this node; it verifies but "
+                      "cannot sign here", kid=kid, reason=exc.message, hint=exc.hint)
+            return None
 
     def signing_key(self) -> SigningKey:
         """The key new tokens are signed with.
@@ -175,9 +191,14 @@ class SigningKeys:
         return self.signing_key()
 
     def rotate_if_due(self) -> SigningKey | None:
-        """Rotate when the active key is older than ``signing_key_rotation_days``."""
-        active = self._active
+        """Rotate when the newest key is older than ``signing_key_rotation_days``.
+
+        Re-reads first: another node may have rotated since this one last looked (every
+        node runs this check; the feed reloads keys too, but a check must not act on a
+        stale view and rotate a second time)."""
+        self._read()
+        newest = self._newest
         due = dt.timedelta(days=self._config.signing_key_rotation_days)
-        if active is not None and self._clock.now() - active.created_at < due:
+        if newest is not None and self._clock.now() - newest.created_at < due:
             return None
         return self.rotate("system", "scheduled rotation")

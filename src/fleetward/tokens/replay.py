@@ -8,6 +8,9 @@ forgotten early (which would re-open it to replay): fail closed. Only proofs tha
 arrive with an otherwise valid credential are recorded, so filling it takes valid
 device credentials.
 
+One holder (a device, a key) may take at most ``max_per_owner`` of the entries at once,
+so a single device making proofs in a loop cannot lock every other device out.
+
 Per node: a proof replayed to another node of a cluster within its window is not seen
 here (docs/threat-model.md lists it as open until shared state exists).
 """
@@ -21,26 +24,34 @@ import threading
 class ReplayCache:
     """Thread-safe: the token endpoint runs on worker threads, listeners on the loop."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_per_owner: int | None = None) -> None:
         self._max = max_entries
-        self._expiry: dict[str, float] = {}
+        # A tenth of the cache per holder by default: far above what an honest device
+        # needs (a proof per request for the proof's lifetime), far below "everyone".
+        self._max_per_owner = max_per_owner or max(16, max_entries // 10)
+        self._expiry: dict[str, tuple[float, str]] = {}
+        self._owned: dict[str, int] = {}
         self._heap: list[tuple[float, str]] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._expiry)
 
-    def use(self, key: str, keep_until: float, now: float) -> bool:
+    def use(self, key: str, keep_until: float, now: float, owner: str = "") -> bool:
         """Record ``key`` as used until ``keep_until`` (epoch seconds); False if it was
-        used before (a replay) or the cache is full of live entries."""
+        used before (a replay), the cache is full of live entries, or ``owner`` holds
+        its share of them."""
         with self._lock:
             self._forget_expired(now)
             seen = self._expiry.get(key)
-            if seen is not None and seen > now:
+            if seen is not None and seen[0] > now:
                 return False
             if len(self._expiry) >= self._max:
                 return False
-            self._expiry[key] = keep_until
+            if self._owned.get(owner, 0) >= self._max_per_owner:
+                return False
+            self._expiry[key] = (keep_until, owner)
+            self._owned[owner] = self._owned.get(owner, 0) + 1
             heapq.heappush(self._heap, (keep_until, key))
             return True
 
@@ -48,5 +59,12 @@ class ReplayCache:
         heap = self._heap
         while heap and heap[0][0] <= now:
             until, key = heapq.heappop(heap)
-            if self._expiry.get(key) == until:
+            entry = self._expiry.get(key)
+            if entry is not None and entry[0] == until:
                 del self._expiry[key]
+                owner = entry[1]
+                left = self._owned[owner] - 1
+                if left:
+                    self._owned[owner] = left
+                else:
+                    del self._owned[owner]

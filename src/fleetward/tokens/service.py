@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
@@ -26,8 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fleetward.audit import AuditLog
 from fleetward.clock import Clock
 from fleetward.config import TokensConfig
-from fleetward.crypto.jose import certificate_thumbprint, key_thumbprint, public_jwk
-from fleetward.errors import Conflict, InvalidInput, NotFound, PolicyViolation
+from fleetward.crypto.jose import (
+    b64url_decode,
+    certificate_thumbprint,
+    key_thumbprint,
+    public_jwk,
+)
+from fleetward.errors import Conflict, InvalidInput, NotFound, PolicyViolation, TooManyRequests
 from fleetward.model import AuditEvent, Device, LifecycleState, validate_device_id
 from fleetward.store import Database
 from fleetward.store import certificates as cert_rows
@@ -62,7 +67,10 @@ MAX_JTI_CHARS = 64
 class OAuthError(Exception):
     """An RFC 6749 §5.2 error response (or RFC 9449 §7.1 ``invalid_dpop_proof``).
 
-    ``description`` is safe to send: it never contains a credential.
+    ``description`` is safe to send: it never contains a credential. ``invalid_client``
+    is a 400 like the others: §5.2 asks for 401 only when the client authenticated with
+    the ``Authorization`` header, and these clients authenticate by TLS or assertion,
+    for which no HTTP authentication scheme (hence no ``WWW-Authenticate``) exists.
     """
 
     def __init__(self, error: str, description: str, *, status: int = 400,
@@ -90,15 +98,18 @@ class DeviceCache(Protocol):
 
     def is_token_revoked(self, jti: str) -> bool: ...
 
+    def may_act(self, device_id: str) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class TokenRequest:
     """One token endpoint request, as the HTTP layer parsed it."""
 
-    form: Mapping[str, str]  # each parameter once (RFC 6749 §3.2)
-    endpoint: TargetUri  # the URI this request was sent to (DPoP htu)
-    peer_der: bytes | None = None  # the TLS client certificate, if any
-    dpop: str | None = None  # the one DPoP header, if any
+    # Each parameter once (RFC 6749 §3.2); holds the client assertion: never in a repr.
+    form: Mapping[str, str] = field(repr=False)
+    endpoint: TargetUri = field()  # the URI this request was sent to (DPoP htu)
+    peer_der: bytes | None = field(default=None, repr=False)  # the TLS client certificate
+    dpop: str | None = field(default=None, repr=False)  # the one DPoP header, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +166,7 @@ class TokenService:
         form = request.form
         grant_type = form.get("grant_type")
         if grant_type is None:
-            raise OAuthError("invalid_request", "grant_type is missing",)
+            raise OAuthError("invalid_request", "grant_type is missing")
         if grant_type != GRANT_TYPE:
             raise OAuthError("unsupported_grant_type",
                              f"only grant_type={GRANT_TYPE} is supported (devices are "
@@ -163,7 +174,7 @@ class TokenService:
         device_id, method = self._authenticate(request)
         device = self._cache.device(device_id)
         if device is None:
-            raise OAuthError("invalid_client", "unknown client", status=401)
+            raise OAuthError("invalid_client", "unknown client")
         self._check_state(device)
         try:
             requested = parse_scope(form.get("scope"))
@@ -195,9 +206,9 @@ class TokenService:
                                  "client_assertion a JWT (RFC 7523 §2.2)")
             try:
                 client = self._assertions.verify(assertion, form.get("client_id"),
-                                                 self._keys_for)
+                                                 self._keys_for, self._cache.may_act)
             except TokenRefused as exc:
-                raise OAuthError("invalid_client", exc.reason, status=401,
+                raise OAuthError("invalid_client", exc.reason,
                                  device_id=_claimed(form)) from None
             return client.device_id, client.method
         if request.peer_der:
@@ -205,7 +216,7 @@ class TokenService:
             if verified is None:
                 raise OAuthError("invalid_client",
                                  "the client certificate is not a valid, unrevoked device "
-                                 "certificate of this server", status=401)
+                                 "certificate of this server")
             client_id = form.get("client_id")
             if client_id is None:
                 raise OAuthError("invalid_request",
@@ -214,12 +225,11 @@ class TokenService:
             if client_id != verified.device_id:
                 raise OAuthError("invalid_client",
                                  "client_id is not the device the certificate names",
-                                 status=401, device_id=verified.device_id)
+                                 device_id=verified.device_id)
             return verified.device_id, TLS_CLIENT_AUTH
         raise OAuthError("invalid_client",
                          "no client authentication: connect with the device certificate "
-                         "(tls_client_auth) or send a client_assertion (private_key_jwt)",
-                         status=401)
+                         "(tls_client_auth) or send a client_assertion (private_key_jwt)")
 
     def _keys_for(self, device_id: str) -> DeviceKeys:
         """What may sign the device's assertions: the keys of its valid certificates and
@@ -248,7 +258,7 @@ class TokenService:
                              "operator must enable it (fleetward device enable ID)",
                              device_id=device.id)
         raise OAuthError("invalid_client", f"device {device.id} is {state.value}",
-                         status=401, device_id=device.id)
+                         device_id=device.id)
 
     def _binding(self, request: TokenRequest, device_id: str,
                  method: str) -> tuple[str, str | None, int]:
@@ -282,7 +292,8 @@ class TokenService:
         of a device that may still use it — and, when the caller says what the client
         presented (``presented_cnf``: ``{}``, ``{"x5t#S256": …}`` or ``{"jkt": …}``),
         used with its binding. Otherwise ``{"active": false}`` (RFC 7662 §2.2: nothing
-        about why)."""
+        about why). Reads SQL (the certificate of a certificate-bound token): call it on a
+        worker thread."""
         verdict, claims = self._check(token, presented_cnf)
         if verdict is not None or claims is None:
             return {"active": False}
@@ -330,12 +341,34 @@ class TokenService:
                 and not set(claims.scopes) <= RECOVERY_SCOPES):
             return "the device is quarantined and the token has more than recovery scopes", \
                 claims
+        if claims.binding == "x5t#S256":
+            problem = self._bound_certificate_problem(claims)
+            if problem is not None:
+                return problem, claims
         if presented_cnf is not None:
             expected = {} if claims.thumbprint is None else {claims.binding: claims.thumbprint}
             if dict(presented_cnf) != expected:
                 return ("the token was presented without its binding (the proof of "
                         "possession does not match cnf)"), claims
         return None, claims
+
+    def _bound_certificate_problem(self, claims: AccessToken) -> str | None:
+        """A certificate-bound token is as good as its certificate: the gate refuses it
+        over a revoked or expired certificate, so introspection must not call it active
+        (the certificate is found by its SHA-256, which ``x5t#S256`` is)."""
+        try:
+            fingerprint = b64url_decode(claims.thumbprint or "").hex()
+        except ValueError:
+            return "the token's cnf is not a certificate thumbprint"
+        with self._db.read() as conn:
+            record = cert_rows.get_by_fingerprint(conn, fingerprint)
+        if record is None or record.device_id != claims.device_id:
+            return "the token's certificate is not a certificate of its device"
+        if record.revoked_at is not None:
+            return "the certificate the token is bound to is revoked"
+        if not record.not_before <= self._clock.now() < record.not_after:
+            return "the certificate the token is bound to has expired"
+        return None
 
     def _issuer_url(self) -> str:
         return self.verifier.issuer
@@ -433,9 +466,17 @@ class TokenService:
             seconds=self._config.max_access_token_lifetime_seconds
             + self._config.clock_skew_seconds)
         with self._db.transaction() as conn:
+            revoked_rows.forget_expired(conn, now)
+            # Every node holds these in memory until they are forgotten: bounded.
+            if revoked_rows.count_live(conn, now) >= self._config.max_revoked_tokens:
+                raise TooManyRequests(
+                    f"{self._config.max_revoked_tokens} tokens are revoked one by one "
+                    "already ([tokens] max_revoked_tokens)",
+                    hint="revoke every token of the device instead: fleetward "
+                         "access-token revoke --device ID; or wait until older entries "
+                         "expire")
             if not revoked_rows.add(conn, jti, None, now, actor, forget_after):
                 raise Conflict(f"token {jti} is already revoked", hint="nothing to do")
-            revoked_rows.forget_expired(conn, now)
             self._audit.append(conn, AuditEvent(
                 action=TOKEN_REVOKED, actor=actor, target=f"access_token:{jti}",
                 details={"refused_until": forget_after.isoformat()}))

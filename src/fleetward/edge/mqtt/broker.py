@@ -258,8 +258,9 @@ class Broker:
         count = 0
         counters = self.counters
         for session, subscribers in matched.items():
-            policy = session.admission.policy
-            if not policy.decide(Action.MQTT_RECEIVE, topic).allowed:
+            admission = session.admission
+            # The policy and, for a token session, its scopes (Admission.decide).
+            if not admission.decide(Action.MQTT_RECEIVE, topic).allowed:
                 counters.receives_denied += 1
                 continue
             qos = 0
@@ -271,7 +272,8 @@ class Broker:
                 retain = retain or (subscriber.retain_as_published and message.retain)
                 if subscriber.subscription_id is not None:
                     ids.append(subscriber.subscription_id)
-            delivery = Delivery(message, min(qos, message.qos), retain, tuple(ids), policy)
+            delivery = Delivery(message, min(qos, message.qos), retain, tuple(ids),
+                                admission.policy, checked_scope=admission.scope)
             if session.offer(delivery):
                 count += 1
         return count
@@ -284,12 +286,13 @@ class Broker:
         for message in self.retained.matching(subscriber.topic_filter):
             if subscriber.no_local and message.origin == session.client_id:
                 continue
-            policy = session.admission.policy
-            if not policy.decide(Action.MQTT_RECEIVE, message.topic).allowed:
+            admission = session.admission
+            if not admission.decide(Action.MQTT_RECEIVE, message.topic).allowed:
                 self.counters.receives_denied += 1
                 continue
             ids = () if subscriber.subscription_id is None else (subscriber.subscription_id,)
-            delivery = Delivery(message, min(subscriber.qos, message.qos), True, ids, policy)
+            delivery = Delivery(message, min(subscriber.qos, message.qos), True, ids,
+                                admission.policy, checked_scope=admission.scope)
             if session.offer(delivery):
                 count += 1
         return count

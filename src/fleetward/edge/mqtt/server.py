@@ -500,9 +500,9 @@ class _PendingAuth:
 
     connect: c.Connect | None  # the CONNECT it belongs to; None for a re-authentication
     token: AccessToken
-    token_text: str
-    challenge: bytes
-    client_id: str
+    token_text: str = dataclasses.field(repr=False)  # the bearer token itself
+    challenge: bytes = dataclasses.field(repr=False)
+    client_id: str = ""
 
 
 def _renew(admission: Admission, fresh: Admission) -> None:
@@ -808,6 +808,9 @@ class _Connection(asyncio.Protocol):
                 self._on_connect(packet)
             elif isinstance(packet, c.Auth) and self.pending_auth is not None:
                 self._on_connect_auth(packet)
+            elif isinstance(packet, c.Disconnect) and self.pending_auth is not None:
+                # [MQTT-3.1.2-30] allows it: the client gives up the exchange.
+                self.close("client disconnected during authentication", will=False)
             elif self.version:
                 raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
                                         f"{type(packet).__name__} before CONNACK (§4.12)")
@@ -918,6 +921,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             admitted = self._authenticate(packet)
+        except c.MalformedPacket:
+            raise  # a protocol error (_process answers it), not a failure to decide
         except Exception:
             log.exception("mqtt gate failed", source=self.source)
             self._refuse_connect(ReasonCode.SERVER_UNAVAILABLE, "the server cannot decide now")
@@ -937,6 +942,10 @@ class _Connection(asyncio.Protocol):
         server = self.server
         credentials = server.credentials
         method = packet.properties.authentication_method if self.version == c.MQTT_5 else None
+        if method is None and packet.properties.authentication_data is not None:
+            raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                    "Authentication Data without an Authentication Method "
+                                    "(§3.1.2.11.10)")
         if method is not None:
             if method != TOKEN_AUTH_METHOD or credentials is None:
                 reason = (f"authentication method {method[:40]!r} is not supported; use "
@@ -1200,6 +1209,10 @@ class _Connection(asyncio.Protocol):
 
     def _on_publish(self, packet: c.Publish) -> None:
         if self.admission is None or self.session is None:
+            if self.version:
+                # [MQTT-3.1.2-30]: nothing but AUTH or DISCONNECT before CONNACK.
+                raise c.MalformedPacket(ReasonCode.PROTOCOL_ERROR,
+                                        "PUBLISH before CONNACK (§4.12)")
             return
         v5 = self.version == c.MQTT_5
         qos = packet.qos

@@ -51,10 +51,12 @@ class Delivery:
     qos: int
     retain: bool  # the RETAIN flag this client sees (§3.3.1.3)
     subscription_ids: tuple[int, ...]
-    # The policy object that allowed ``mqtt:receive``; a different object (the gate
-    # swapped the policy, or the client reconnected) means: decide again before sending.
+    # The policy and token-scope objects that allowed ``mqtt:receive``; a different one
+    # (the gate swapped the policy, the client reconnected or re-authenticated with
+    # other scopes) means: decide again before sending.
     checked_policy: ChannelPolicy | None
     packet_id: int = 0
+    checked_scope: ChannelPolicy | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -210,11 +212,14 @@ class Session:
     # --- internals -----------------------------------------------------------------------
 
     def _still_allowed(self, delivery: Delivery) -> bool:
-        policy = self.admission.policy
-        if delivery.checked_policy is policy:
+        admission = self.admission
+        policy, scope = admission.policy, admission.scope
+        if delivery.checked_policy is policy and delivery.checked_scope is scope:
             return True
-        if policy.decide(Action.MQTT_RECEIVE, delivery.message.topic).allowed:
+        # Admission.decide: the policy and, for a token session, its scopes.
+        if admission.decide(Action.MQTT_RECEIVE, delivery.message.topic).allowed:
             delivery.checked_policy = policy
+            delivery.checked_scope = scope
             return True
         self.counters.receives_denied += 1
         return False
