@@ -95,6 +95,15 @@ def parse_fraction(value: str | float) -> float:
         raise typer.BadParameter(f"{value!r} is not a fraction such as 0.66 or 2/3") from None
 
 
+# Where the device key lives: the options enroll and init share.
+KeyPassphraseFile = Annotated[Path | None, typer.Option(
+    "--key-passphrase-file", help="passphrase for the encrypted key file (mode 0600); "
+                                  "default: generated in the state dir")]
+Pkcs11Module = Annotated[str | None, typer.Option(
+    "--pkcs11-module", help="PKCS#11 module: keep the key on a token")]
+Pkcs11TokenLabel = Annotated[str | None, typer.Option("--pkcs11-token-label")]
+Pkcs11PinFile = Annotated[Path | None, typer.Option(
+    "--pkcs11-pin-file", help="file holding the token's user PIN (mode 0600)")]
 StateDir = Annotated[Path, typer.Option("--state-dir", envvar="FLEETWARD_AGENT_STATE_DIR",
                                         help="the agent's state directory (created 0700)")]
 TokenBinding = Annotated[str | None, typer.Option(
@@ -170,14 +179,10 @@ def enroll_command(
                         f"prefer --token-file or {TOKEN_ENV}")] = None,
     label: Annotated[str | None, typer.Option(
         "--label", help="EST label (certificate profile), e.g. gateway")] = None,
-    key_passphrase_file: Annotated[Path | None, typer.Option(
-        "--key-passphrase-file", help="passphrase for the encrypted key file (mode 0600); "
-                                      "default: generated in the state dir")] = None,
-    pkcs11_module: Annotated[str | None, typer.Option(
-        "--pkcs11-module", help="PKCS#11 module: keep the key on a token")] = None,
-    pkcs11_token_label: Annotated[str | None, typer.Option("--pkcs11-token-label")] = None,
-    pkcs11_pin_file: Annotated[Path | None, typer.Option(
-        "--pkcs11-pin-file", help="file holding the token's user PIN (mode 0600)")] = None,
+    key_passphrase_file: KeyPassphraseFile = None,
+    pkcs11_module: Pkcs11Module = None,
+    pkcs11_token_label: Pkcs11TokenLabel = None,
+    pkcs11_pin_file: Pkcs11PinFile = None,
 ) -> None:
     """Enroll this device: pin the CA, generate a key, trade the token for a certificate."""
     try:
@@ -232,14 +237,10 @@ def init_command(
         "--mqtt-url", help="MQTT listener, mqtts://host:8883 (default: the server's host, "
                            "port 8883)")] = None,
     token_binding: TokenBinding = None,
-    key_passphrase_file: Annotated[Path | None, typer.Option(
-        "--key-passphrase-file", help="passphrase for the encrypted key file (mode 0600); "
-                                      "default: generated in the state dir")] = None,
-    pkcs11_module: Annotated[str | None, typer.Option(
-        "--pkcs11-module", help="PKCS#11 module: keep the key on a token")] = None,
-    pkcs11_token_label: Annotated[str | None, typer.Option("--pkcs11-token-label")] = None,
-    pkcs11_pin_file: Annotated[Path | None, typer.Option(
-        "--pkcs11-pin-file", help="file holding the token's user PIN (mode 0600)")] = None,
+    key_passphrase_file: KeyPassphraseFile = None,
+    pkcs11_module: Pkcs11Module = None,
+    pkcs11_token_label: Pkcs11TokenLabel = None,
+    pkcs11_pin_file: Pkcs11PinFile = None,
 ) -> None:
     """Set up a device that authenticates with access tokens or SAS tokens (no
     enrollment): pin the CA, record the mode, create the key pair or store the key."""
