@@ -30,6 +30,7 @@ line or an exception message.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import contextlib
@@ -312,15 +313,16 @@ class Credentials(Protocol):
         ...
 
 
-class _RetryOnce:
+class _RetryOnce(abc.ABC):
     """``note_refusal`` / ``note_success`` of every credential kind."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._retried = False
 
+    @abc.abstractmethod
     def invalidate(self) -> None:
-        raise NotImplementedError
+        """Forget the current credential (each kind knows what it holds)."""
 
     def note_refusal(self, refusal: ChannelRefused) -> bool:
         if isinstance(refusal, TokenEndpointRefused):

@@ -325,7 +325,8 @@ def credential_rotate(
     if not quiet:
         if where == "device":
             note = (f"credential {rotated['id']}: {rotated['slot']} key regenerated "
-                    f"(version {rotated['version']}); sessions signed with the old key end")
+                    f"(version {rotated['version']}); sessions signed with the old key end, "
+                    "and so do the device's access tokens")
         elif rotated["previous_valid_until"]:
             note = (f"API key {API_KEY_PREFIX}{rotated['id']} rotated; the previous secret "
                     f"works until {rotated['previous_valid_until']}")

@@ -257,6 +257,21 @@ class LiveConnections:
         return len(closers)
 
 
+def copy_credential(source: Admission, target: Admission) -> None:
+    """Give ``target`` (a fresh decision for the same peer) the credential ``source``
+    was admitted with: how, until when, what it may do and what would revoke it."""
+    target.serial = source.serial
+    target.not_after_epoch = source.not_after_epoch
+    target.auth = source.auth
+    target.scope = source.scope
+    target.scopes = source.scopes
+    target.credential_expires_at = source.credential_expires_at
+    target.token_jti = source.token_jti
+    target.token_binding = source.token_binding
+    target.generation = source.generation
+    target.sas_key = source.sas_key
+
+
 def replace_policy(admission: Admission, policy: ChannelPolicy) -> Admission:
     """A copy with another policy (for tests and tools; live code mutates in place)."""
     return dataclasses.replace(admission, policy=policy)

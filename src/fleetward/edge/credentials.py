@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from fleetward.crypto.sas import SasRefused, is_sas, parse_sas
 from fleetward.edge.channel import Admission, Refusal, Refused
 from fleetward.edge.gate import TrustGate
@@ -233,6 +235,17 @@ class PresentedCredentials:
         except TokenRefused as exc:
             return self.gate.refuse(Refusal.BAD_CREDENTIALS, exc.reason, channel, source,
                                     None)
+
+
+def request_target(request: web.Request) -> TargetUri:
+    """The URI a request was sent to, as a DPoP proof's ``htu`` names it: the scheme and
+    the ``Host`` the client used, the path without the query (RFC 9449 §4.3 point 9).
+
+    Raises:
+        ValueError: no usable ``Host`` header.
+    """
+    host = request.headers.get("Host", "")
+    return TargetUri.parse(f"https://{host}{request.raw_path.split('?')[0]}")
 
 
 def _device_of_username(username: str | None) -> str | None:

@@ -41,12 +41,13 @@ from fleetward.edge.channel import (
     Refusal,
     Refused,
 )
-from fleetward.edge.credentials import HttpRefused, PresentedCredentials
+from fleetward.edge.credentials import HttpRefused, PresentedCredentials, request_target
 from fleetward.errors import Forbidden, InvalidInput, PayloadTooLarge
 from fleetward.model import format_serial
 from fleetward.registry.device_commands import DeviceCommandService, command_json
-from fleetward.tokens.dpop import TargetUri
 from fleetward.web.problem import parse_json, problem_response, reject_unknown_fields
+from fleetward.web.tls import peer_certificate_der
+from fleetward.web.tls_gate import format_peer
 
 log = structlog.get_logger("fleetward.device_api")
 
@@ -146,21 +147,21 @@ class DeviceConnections:
                 return HttpRefused(Refused(Refusal.BAD_CREDENTIALS,
                                            "send one Authorization header"), "Bearer",
                                    "invalid_request")
-            host = request.headers.get("Host", "")
             try:
-                target = TargetUri.parse(f"https://{host}{request.raw_path.split('?')[0]}")
+                target = request_target(request)
             except ValueError:
                 return HttpRefused(Refused(Refusal.BAD_CREDENTIALS,
                                            "the request has no usable Host header"),
                                    "Bearer", "invalid_request")
             return credentials.http(authorization[0], request.headers.getall("DPoP", []),
                                     method=request.method, target=target,
-                                    peer_der=_peer_der(transport), source=_source(transport))
+                                    peer_der=peer_certificate_der(transport),
+                                    source=format_peer(transport.get_extra_info("peername")))
         entry = self._entries.get(id(transport))
         if entry is not None and entry.transport is transport:
             return entry.admission
-        verdict = self.api.gate.admit(_peer_der(transport), channel="https",
-                                      source=_source(transport))
+        verdict = self.api.gate.admit(peer_certificate_der(transport), channel="https",
+                                      source=format_peer(transport.get_extra_info("peername")))
         if isinstance(verdict, Refused):
             return verdict
 
@@ -261,8 +262,9 @@ def _guarded(api: DeviceApi, connections: DeviceConnections,
             scoped = verdict.scope.decide(Action.http(request.method), resource)
             if not scoped.allowed:
                 return _insufficient_scope(request, verdict)
-        # admission.policy is swapped in place by the gate: decide() reads the current one.
-        decision = verdict.decide(Action.http(request.method), resource)
+        # admission.policy is swapped in place by the gate: read it afresh here. (The
+        # token scope, the other half of Admission.decide, was decided just above.)
+        decision = verdict.policy.decide(Action.http(request.method), resource)
         if not decision.allowed:
             hint = ("a quarantined device may only read its own status "
                     "(GET /v1/devices/self), re-enroll and download firmware"
@@ -452,22 +454,6 @@ def _wait_seconds(request: web.Request, maximum: int) -> int:
     # Longer waits are shortened, not refused: the server decides how long it holds a
     # request (RFC 6202 §5.5), and a device built for another server's limit keeps working.
     return min(int(raw), maximum) if len(raw) <= 9 else maximum
-
-
-def _peer_der(transport: Any) -> bytes | None:
-    ssl_object = transport.get_extra_info("ssl_object")
-    getpeercert = getattr(ssl_object, "getpeercert", None)
-    if getpeercert is None:
-        return None
-    der = getpeercert(binary_form=True)
-    return bytes(der) if der else None
-
-
-def _source(transport: Any) -> str:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "unknown"
 
 
 def _abort(transport: Any) -> None:

@@ -42,6 +42,7 @@ from fleetward.edge.channel import (
     LiveConnections,
     Refusal,
     Refused,
+    copy_credential,
 )
 from fleetward.edge.hooks import Throttle
 from fleetward.model import AuditEvent, Device, DeviceType, LifecycleState, format_serial
@@ -394,7 +395,7 @@ class TrustGate:
             return Refused(Refusal.BANNED, stale)
         verdict = self._decide(admission.serial, admission.device_id, channel, None)
         if isinstance(verdict, Admission):
-            _carry_credential(admission, verdict)
+            copy_credential(admission, verdict)
         return verdict
 
     # --- access tokens and SAS (event loop) ---------------------------------------------
@@ -664,19 +665,6 @@ class TrustGate:
 def _credential_name(admission: Admission) -> str:
     return {AuthMethod.ACCESS_TOKEN: "access token", AuthMethod.SAS: "SAS token"}.get(
         admission.auth, "credential")
-
-
-def _carry_credential(source: Admission, target: Admission) -> None:
-    """Copy how ``source`` authenticated onto a fresh decision for the same peer."""
-    target.not_after_epoch = source.not_after_epoch
-    target.auth = source.auth
-    target.scope = source.scope
-    target.scopes = source.scopes
-    target.credential_expires_at = source.credential_expires_at
-    target.token_jti = source.token_jti
-    target.token_binding = source.token_binding
-    target.generation = source.generation
-    target.sas_key = source.sas_key
 
 
 def echo_client_id(client_id: str) -> str:

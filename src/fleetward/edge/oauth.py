@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import structlog
 from aiohttp import web
 
+from fleetward.edge.credentials import request_target
 from fleetward.edge.hooks import Throttle
 from fleetward.errors import FleetwardError, Forbidden
 from fleetward.model import AuditEvent
@@ -33,6 +34,8 @@ from fleetward.tokens.dpop import TargetUri
 from fleetward.tokens.keys import SigningKeys
 from fleetward.tokens.scopes import SCOPES
 from fleetward.tokens.service import OAuthError, TokenRequest, TokenService
+from fleetward.web.tls import peer_certificate_der
+from fleetward.web.tls_gate import format_peer
 
 log = structlog.get_logger("fleetward.oauth")
 
@@ -224,26 +227,16 @@ def _presented_cnf(raw: str | None) -> dict[str, str] | None:
 
 
 def _target(request: web.Request) -> TargetUri:
-    host = request.headers.get("Host", "")
     try:
-        return TargetUri.parse(f"https://{host}{request.raw_path.split('?')[0]}")
+        return request_target(request)
     except ValueError:
         raise OAuthError("invalid_request", "the request has no usable Host header") from None
 
 
 def _peer_der(request: web.Request) -> bytes | None:
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    getpeercert = getattr(ssl_object, "getpeercert", None)
-    if getpeercert is None:
-        return None
-    der = getpeercert(binary_form=True)
-    return bytes(der) if der else None
+    return peer_certificate_der(request.transport)
 
 
 def _source(request: web.Request) -> str:
     transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "unknown"
+    return format_peer(transport.get_extra_info("peername") if transport else None)

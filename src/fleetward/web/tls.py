@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from cryptography import x509
@@ -51,3 +52,14 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der) if der else None
+
+
+def peer_certificate_der(transport: Any) -> bytes | None:
+    """The client certificate (DER) of a TLS transport, asyncio's or uvloop's (duck-typed:
+    uvloop's is no ``asyncio.Transport``), or None."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    der = getpeercert(binary_form=True)
+    return bytes(der) if der else None

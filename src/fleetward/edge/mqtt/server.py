@@ -52,6 +52,7 @@ from fleetward.edge.channel import (
     LiveConnections,
     Refusal,
     Refused,
+    copy_credential,
 )
 from fleetward.edge.credentials import TOKEN_AUTH_METHOD, PresentedCredentials
 from fleetward.edge.mqtt import codec as c
@@ -512,14 +513,7 @@ def _renew(admission: Admission, fresh: Admission) -> None:
     admission.state = fresh.state
     admission.quarantined = fresh.quarantined
     admission.firmware_version = fresh.firmware_version
-    admission.scope = fresh.scope
-    admission.scopes = fresh.scopes
-    admission.credential_expires_at = fresh.credential_expires_at
-    admission.token_jti = fresh.token_jti
-    admission.token_binding = fresh.token_binding
-    admission.generation = fresh.generation
-    admission.serial = fresh.serial
-    admission.not_after_epoch = fresh.not_after_epoch
+    copy_credential(fresh, admission)
 
 _STEP_PUBLISH: Final = 0  # an inbound PUBLISH waiting for accept_publish
 _STEP_PACKET: Final = 1  # a packet to handle after the ones before it
